@@ -1,0 +1,103 @@
+"""Command line: ``python -m qcflow experiment=NAME [overrides]`` (Hydra).
+
+The CLI only composes the config and dispatches ``cfg.task`` to ``qcflow.tasks.<task>.run``,
+a plain ``run(cfg) -> dict`` function that tests call directly. The returned dict is written
+to ``metrics.json`` in the run folder. A :class:`~qcflow.errors.QCFlowError` is printed as one
+line and exits with status 1 (in a multirun it is re-raised so Hydra reports the failed job).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from qcflow.errors import ConfigError, QCFlowError
+from qcflow.utils.io import atomic_write_json
+
+__all__ = ["main", "run_task", "config_dir", "TASKS"]
+
+log = logging.getLogger("qcflow")
+
+#: tasks the CLI can dispatch to (module names under qcflow/tasks)
+TASKS = ("synth", "validate")
+
+
+def config_dir() -> Path:
+    """Folder holding ``config.yaml``: ``qcflow/conf`` in a wheel, else the repo's ``conf/``."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    if (packaged / "config.yaml").is_file():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+def _experiments_help() -> str:
+    """One line per ``conf/experiment/*.yaml``: name and its first descriptive comment."""
+    lines = []
+    for path in sorted((config_dir() / "experiment").glob("*.yaml")):
+        comment = ""
+        for line in path.read_text().splitlines():
+            text = line.strip()
+            if text.startswith("#") and "@package" not in text and text.lstrip("# "):
+                comment = text.lstrip("# ")
+                break
+        lines.append(f"  {path.stem:<24} {comment}")
+    return "\n".join(lines)
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("qcflow_uid"):
+        # resolved once per run/sweep folder: keeps folders unique within one second
+        OmegaConf.register_new_resolver("qcflow_uid", lambda: secrets.token_hex(3), use_cache=True)
+    if not OmegaConf.has_resolver("qcflow_experiments"):
+        OmegaConf.register_new_resolver("qcflow_experiments", _experiments_help)
+
+
+_register_resolvers()
+
+
+def run_task(cfg: DictConfig) -> dict[str, Any]:
+    """Run ``cfg.task`` and write its results to ``<paths.output_dir>/metrics.json``."""
+    task = str(cfg.get("task"))
+    if task not in TASKS:
+        raise ConfigError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
+    module = importlib.import_module(f"qcflow.tasks.{task}")
+    results = module.run(cfg) or {}
+    out_dir = Path(cfg.paths.output_dir)
+    atomic_write_json(out_dir / "metrics.json", results)
+    log.info("results written to %s", out_dir / "metrics.json")
+    return results
+
+
+def _is_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:
+        return False
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run_task(cfg)
+    except QCFlowError as exc:
+        if _is_multirun():
+            raise
+        print(f"qcflow: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+def main() -> None:
+    """Console entry point (``qcflow`` and ``python -m qcflow``)."""
+    _hydra_main()
+
+

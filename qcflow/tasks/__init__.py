@@ -1,0 +1,1 @@
+"""Tasks: each module has a plain ``run(cfg) -> dict`` that wires config to objects."""

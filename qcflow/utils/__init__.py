@@ -1,0 +1,1 @@
+"""Small helpers shared by tasks: atomic writes, run folders, seeding."""
