@@ -99,5 +99,3 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry point (``qcflow`` and ``python -m qcflow``)."""
     _hydra_main()
-
-

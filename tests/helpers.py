@@ -1,0 +1,40 @@
+"""Helpers for tests: compose the real configs, run the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from qcflow.cli import config_dir
+
+__all__ = ["compose_cfg", "run_cli", "EXPERIMENTS"]
+
+EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+
+
+def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose ``conf/config.yaml`` like the CLI does, with ``paths.output_dir`` made concrete."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m qcflow ARGS`` in a subprocess with the test environment."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    return subprocess.run(
+        [sys.executable, "-m", "qcflow", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,67 @@
+"""The command line: help, config printing, task dispatch, errors, run folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SMALL_EMBEDDED
+from tests.helpers import EXPERIMENTS, compose_cfg, run_cli
+
+
+def test_help_lists_groups_and_experiments(tmp_path: Path) -> None:
+    res = run_cli("--help", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "== Experiments" in res.stdout and "== Config groups" in res.stdout
+    for name in EXPERIMENTS:
+        assert name in res.stdout
+    for group in ("data:", "trainer:", "logger:", "paths:"):
+        assert group in res.stdout
+
+
+def test_cfg_job_prints_resolved_experiment(tmp_path: Path) -> None:
+    res = run_cli("experiment=validate", "data.spacing=1", "--cfg", "job", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "task: validate" in res.stdout
+    assert "spacing: 1" in res.stdout
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes(name: str, tmp_path: Path) -> None:
+    cfg = compose_cfg([f"experiment={name}"], tmp_path)
+    assert cfg.task, name
+    assert cfg.experiment_name == name
+    # experiment files must start with '# @package _global_' or their keys nest silently
+    assert "experiment" not in cfg
+
+
+def test_unknown_task_is_one_line_error(tmp_path: Path) -> None:
+    res = run_cli("task=nope", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == 1
+    err = res.stderr.strip().splitlines()
+    assert err[-1].startswith("qcflow: error: unknown task 'nope'"), res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_synth_cli_builds_dataset_and_writes_metrics(tmp_path: Path, small_embedded: Path) -> None:
+    """The CLI reuses the dataset the fixture built (same config -> same folder)."""
+    overrides = [f"data.embedded.{k}={v}" for k, v in SMALL_EMBEDDED.items()]
+    run_dir = tmp_path / "run"
+    res = run_cli("experiment=synth", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert Path(metrics["root"]) == small_embedded
+    assert metrics["reused"] is True
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert not (tmp_path / "outputs").exists(), "nothing depends on the current directory"
+
+
+def test_default_run_folders_are_unique(tmp_path: Path, qcflow_home: Path) -> None:
+    """Two runs in the same second get different folders under $QCFLOW_HOME/runs/<experiment>."""
+    for _ in range(2):
+        res = run_cli("task=nope", cwd=tmp_path)
+        assert res.returncode == 1
+    runs = list((qcflow_home / "runs" / "nope").iterdir())
+    assert len(runs) == 2, runs
