@@ -242,7 +242,7 @@ class PatchDataModule(ScanDataModule):
 
 
 def _patch_collate(batch: list[tio.Subject]) -> dict[str, Any]:
-    """Patches -> ``{"image": (B, 1, p, p, p), ["label"], "scan_id": [...], "location": (B, 6)}``."""
+    """Patches -> ``{"image": (B, 1, p, p, p), ["label"], "scan_id": [...], "location"}``."""
     out: dict[str, Any] = {"image": torch.stack([s["image"].data for s in batch])}
     for name in ("label", "mask"):
         if name in batch[0]:

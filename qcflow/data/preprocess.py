@@ -85,7 +85,7 @@ class PreprocessConfig:
 
     @classmethod
     def from_data_cfg(cls, data_cfg: Any) -> PreprocessConfig:
-        """Build from the ``data`` config group (``spacing``, ``fov_mm``, ``shape``, ``percentiles``)."""
+        """Build from the ``data`` config group (spacing, fov_mm, shape, percentiles)."""
         spacing = data_cfg.spacing
         spacing = float(spacing) if np.isscalar(spacing) else tuple(float(s) for s in spacing)
         shape = resolve_shape(spacing, tuple(data_cfg.fov_mm), data_cfg.get("shape"))
