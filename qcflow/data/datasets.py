@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -183,11 +184,18 @@ class PatchSubjectsDataset(tio.SubjectsDataset):
     """
 
     def __init__(self, volumes: VolumeDataset, transform: tio.Transform | None = None) -> None:
+        # not SubjectsDataset.__init__: it rejects an empty list, and ours is lazy
         self.volumes = volumes
-        super().__init__([], transform=transform)
+        self._subjects = []
+        self.load_getitem = False
+        self.set_transform(transform)
 
     def __len__(self) -> int:
         return len(self.volumes)
+
+    def dry_iter(self) -> list[SimpleNamespace]:
+        """Light stand-ins (``scan_id`` only): ``tio.Queue`` counts patches per epoch with it."""
+        return [SimpleNamespace(scan_id=s.scan_id) for s in self.volumes.scans]
 
     def __getitem__(self, index: int) -> tio.Subject:
         vol = self.volumes.volume(index)

@@ -131,7 +131,7 @@ class _HeadMask(tio.Transform):
 
 
 def _load_image(path: Path, label: bool) -> tio.Image:
-    img = load_nifti(path)
+    img = load_nifti(path, label=label)
     data = np.asarray(img.dataobj, dtype=np.float32)
     tensor = torch.from_numpy(np.ascontiguousarray(data))[None]  # (1, X, Y, Z)
     cls = tio.LabelMap if label else tio.ScalarImage
