@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,12 +22,11 @@ import torchio as tio
 from torch.utils.data import DataLoader
 
 from qcflow.data.datasets import PatchSubjectsDataset, SliceDataset, VolumeDataset
-from qcflow.data.discovery import Scan, discover_scans
+from qcflow.data.discovery import Scan, discover_scans, resolve_data_root
 from qcflow.data.preprocess import PreprocessCache, PreprocessConfig
 from qcflow.errors import QCFlowError, ScanError
 
 __all__ = [
-    "resolve_data_root",
     "split_by_subject",
     "ScanDataModule",
     "VolumeDataModule",
@@ -38,15 +36,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def resolve_data_root(data_cfg: Any) -> Path | str:
-    """``data.root``, or the embedded dataset's ``data.split`` folder (built on first use)."""
-    if data_cfg.get("root"):
-        return str(data_cfg.root)
-    from qcflow.data.synth import ensure_embedded
-
-    return Path(ensure_embedded(data_cfg.embedded)) / str(data_cfg.get("split", "train"))
 
 
 def split_by_subject(

@@ -35,6 +35,7 @@ from qcflow.errors import QCFlowError
 __all__ = [
     "Scan",
     "discover_scans",
+    "resolve_data_root",
     "is_bids",
     "is_nifti_name",
     "strip_nifti_suffix",
@@ -348,3 +349,23 @@ def discover_scans(root: str | Path, pattern: str | None = None) -> list[Scan]:
             "(expected a BIDS dataset, a folder or a glob)"
         )
     return _unique_ids(scans)
+
+
+def resolve_data_root(data_cfg: Any) -> Path | str:
+    """``data.root``, or the embedded dataset's ``data.split`` folder (built on first use).
+
+    Args:
+        data_cfg: the ``data`` config group (``root``, ``split``, ``embedded``).
+
+    Returns:
+        The root given by the user (a path or a glob, unchanged) or ``<embedded>/<split>``.
+    """
+    if data_cfg.get("root"):
+        return str(data_cfg.root)
+    from qcflow.data.synth import ensure_embedded  # local: building it pulls in nilearn
+
+    split = str(data_cfg.get("split") or "train")
+    root = Path(ensure_embedded(data_cfg.embedded)) / split
+    if not root.is_dir():
+        raise QCFlowError(f"{root}: embedded split '{split}' not found (data.split)")
+    return root

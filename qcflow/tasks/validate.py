@@ -18,12 +18,12 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from qcflow.data.discovery import Scan, discover_scans
+from qcflow.data.discovery import Scan, discover_scans, resolve_data_root
 from qcflow.data.nifti import validate_scan
 from qcflow.errors import QCFlowError
 from qcflow.utils.io import atomic_path
 
-__all__ = ["run", "data_root", "validate_scans", "write_validation_tsv", "COLUMNS"]
+__all__ = ["run", "validate_scans", "write_validation_tsv", "COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -31,26 +31,6 @@ log = logging.getLogger(__name__)
 COLUMNS = ("scan_id", "path", "status", "reason", "shape", "voxel_size")
 #: below this many scans no progress bar is shown
 _PROGRESS_MIN = 20
-
-
-def data_root(data_cfg: Any) -> Path | str:
-    """``data.root``, or the embedded dataset's ``data.split`` folder (built on first use).
-
-    Args:
-        data_cfg: the ``data`` config group (``root``, ``split``, ``embedded``).
-
-    Returns:
-        The root given by the user (a path or a glob, unchanged) or ``<embedded>/<split>``.
-    """
-    if data_cfg.get("root"):
-        return str(data_cfg.root)
-    from qcflow.data.synth import ensure_embedded  # local: building it pulls in nilearn
-
-    split = str(data_cfg.get("split") or "train")
-    root = Path(ensure_embedded(data_cfg.embedded)) / split
-    if not root.is_dir():
-        raise QCFlowError(f"{root}: embedded split '{split}' not found (data.split)")
-    return root
 
 
 def _progress(rows: Iterator[dict[str, Any]], total: int) -> Iterator[dict[str, Any]]:
@@ -126,7 +106,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     Raises:
         QCFlowError: no scan found, or none of them is valid (the TSV is written first).
     """
-    root = data_root(cfg.data)
+    root = resolve_data_root(cfg.data)
     scans = discover_scans(root, cfg.data.get("pattern"))
     rows = validate_scans(scans, int(cfg.data.get("num_workers") or 0))
     tsv = write_validation_tsv(rows, Path(cfg.paths.output_dir) / "validation.tsv")
