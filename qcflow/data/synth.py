@@ -26,22 +26,25 @@ Generative model, per scan (all random draws come from a per-scan ``SeedSequence
    synthetic head is grown around a smoothed hull of the brain from its signed distance *d*
    (mm): extra-cerebral CSF (d < 1.5), bone (inner/outer table), marrow (diploë), bone,
    subcutaneous fat (7–10 mm), skin (10–12.5 mm), air beyond. Layers are partial-volume ramps
-   of *d*, so all channels sum to one. Below the template (z < −72 mm) a 60 mm "neck" of muscle
-   wrapped in fat and skin continues the hull, so cohorts with a low field of view do not end
-   in a flat cut. For spacings coarser than the template the maps are Gaussian pre-filtered
-   (anti-aliasing) before sampling.
+   of *d*, so all tissue fractions sum to one. Below the cerebellum an elliptic "neck" of
+   muscle wrapped in fat and skin joins the hull and continues 60 mm below the template
+   (z < −72 mm), with the brainstem continued as a cord, so cohorts with a low field of view
+   do not end in a flat cut. For spacings coarser than the template the maps are Gaussian
+   pre-filtered (anti-aliasing) before sampling.
 2. **Deformation**: one random affine (rotations ±10°, scales 0.9–1.1, translations ±5 mm)
-   composed with a smooth random displacement field (Gaussian-smoothed noise on an 8 mm control
-   grid, peak 1.5–4 mm, trilinearly upsampled) maps each output voxel to template space; all
-   channels are sampled with **one** ``grid_sample`` call, so the labels stay exactly aligned
+   composed with a smooth random displacement field (Gaussian-smoothed noise on a 6 mm control
+   grid, σ ≈ 20 mm, peak 1.5–4 mm, trilinearly upsampled) maps each output voxel to template
+   space; the intensity (combined on the template grid, step 4), the GM probability and the
+   brain mask are sampled with **one** ``grid_sample`` call, so the labels stay exactly aligned
    with the image. TorchIO's ``RandomAffine`` + ``RandomElasticDeformation`` resample each image
    through SimpleITK and cost ~2.4 s per subject at 2 mm (PITFALLS.md), ~10 min for the default
    270 scans; this path resamples template → subject grid directly (also doing the spacing
    change) in ~0.1 s.
-3. **Labels**: ``probseg`` is the warped GM probability p_GM. The GM label is
-   ``p_GM > 0.5 and p_GM = max(p_GM, p_WM, p_CSF, p_rest)`` where ``p_rest = 1 − p_GM − p_WM −
-   p_CSF`` (the two conditions coincide when the maps sum to one; the argmax guards against
-   rounding). The brain mask is the warped template mask > 0.5.
+3. **Labels**: ``probseg`` is the warped GM probability p_GM. The GM label is the set of
+   voxels where GM is the most probable class of (GM, WM, CSF, rest) *and* p_GM > 0.5; as the
+   template fractions sum to one and trilinear weights are convex, the warped fractions also
+   sum to one, so both conditions reduce to ``p_GM > 0.5`` (what is computed). The brain mask
+   is the warped template mask > 0.5.
 4. **Intensities** re-synthesised from the tissue maps, I = Σ_t p_t μ_t(cohort), with T1
    ordering WM > GM > CSF (fat bright, bone dark), per-subject jitter of the means (±3 %), a
    mild smooth multiplicative texture (±3 %), and a smooth multiplicative bias field
@@ -61,7 +64,11 @@ Generative model, per scan (all random draws come from a per-scan ``SeedSequence
    motion → ghosting → spike (TorchIO, deterministic transforms fed with recorded parameters)
    → wrap-around (fold onto a reduced phase-encode field of view) → noise and resolution loss
    in k-space. ``artifacts.tsv`` records kind, severity, the continuous ``severity_value`` and
-   every sampled parameter (JSON).
+   every sampled parameter (JSON: ``subject`` = anatomy/acquisition draws, ``artifact`` = the
+   artifact's; axes are RAS axes of the generated grid, before reorientation). Clean scans
+   have ``kind=none``, ``severity=0``, ``severity_value=0``. Labels describe the anatomy: they
+   follow misregistration (it is a pose), are cropped with a wrap-around's reduced field of
+   view, and ignore motion, a missing side or contrast (the tissue is still there).
 
 The build goes into a temporary sibling folder renamed into place only when complete
 (:func:`qcflow.utils.io.atomic_dir`) and ``dataset_complete.json`` is written last, so an
@@ -124,10 +131,11 @@ SPLITS: tuple[str, ...] = ("train", "test_clean", "test_artifact")
 #: tissues of the synthetic head (brain tissues first)
 TISSUES: tuple[str, ...] = ("gm", "wm", "csf", "bone", "marrow", "fat", "skin", "muscle")
 #: channels of :func:`head_model`. The five non-brain tissues are pre-combined into their
-#: summed fraction ``other`` and their T1 / T2 partial-volume intensity ``other_t1`` /
-#: ``other_t2`` (Σ_t μ_t p_t; trilinear sampling is linear, so sampling the sum equals summing
-#: the samples). ``grid_sample`` costs per channel, so a scan samples 6 channels, not 9.
-CHANNELS: tuple[str, ...] = ("gm", "wm", "csf_brain", "csf_outer", "other", "other_t1", "other_t2")
+#: T1 / T2 partial-volume intensity ``other_t1`` / ``other_t2`` (Σ_t μ_t p_t); ``brain`` is
+#: the brain mask (= gm + wm + csf_brain). ``grid_sample`` costs ~20 ms per channel at 2 mm and
+#: trilinear sampling is linear, so a scan combines its intensity on the template grid and
+#: samples only 3 channels (intensity, GM, brain) instead of one per tissue.
+CHANNELS: tuple[str, ...] = ("gm", "wm", "csf_brain", "csf_outer", "other_t1", "other_t2", "brain")
 
 #: synthetic head layers: (tissue, outer edge in mm of signed distance from the brain hull)
 _HEAD_LAYERS: tuple[tuple[str, float], ...] = (
@@ -224,13 +232,13 @@ class Cohort:
 #: the cohort table; ``n_cohorts`` uses the first n (the first four already cover a non-RAS
 #: orientation, an axes-permuted one, 1×1×3 mm acquisition, int16 storage and zero padding)
 COHORTS: tuple[Cohort, ...] = (
-    Cohort("site-A", (192, 240, 224), (0, -17, 10), (0, 0, 0), "RAS", (1.0, 1.0, 1.0), 1,
+    Cohort("site-A", (208, 240, 208), (0, -17, 10), (0, 0, 0), "RAS", (1.0, 1.0, 1.0), 1,
            31.0, 1.25, 1000.0, "float32", 0.62, 0.25),
     Cohort("site-B", (208, 256, 208), (0, -12, 8), (0, 0, 0), "LPS", (1.0, 1.0, 1.2), 0,
            27.0, 1.5, 300.0, "int16", 0.68, 0.3),
-    Cohort("site-C", (192, 256, 240), (0, -20, 16), (0, 0, 0), "PIL", (3.0, 1.0, 1.0), 1,
+    Cohort("site-C", (192, 256, 224), (0, -20, 14), (0, 0, 0), "PIL", (3.0, 1.0, 1.0), 1,
            25.0, 1.35, 4000.0, "int16_scaled", 0.58, 0.2),
-    Cohort("site-D", (208, 240, 224), (2, -17, 12), (16, 8, 16), "LAS", (1.3, 1.3, 1.3), 1,
+    Cohort("site-D", (208, 240, 208), (2, -17, 12), (16, 8, 16), "LAS", (1.3, 1.3, 1.3), 1,
            29.0, 1.2, 1500.0, "float32", 0.65, 0.28),
     Cohort("site-E", (192, 224, 208), (0, -15, 6), (0, 0, 0), "RAS", (1.0, 1.0, 3.0), 0,
            32.0, 1.4, 800.0, "int16", 0.6, 0.22),
@@ -256,10 +264,12 @@ class EmbeddedConfig:
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | Any) -> EmbeddedConfig:
         """Build from a DictConfig or any mapping; validates every value (``ConfigError``)."""
-        if hasattr(cfg, "items") and not isinstance(cfg, Mapping):
-            from omegaconf import OmegaConf  # DictConfig: resolve interpolations first
+        from omegaconf import OmegaConf
 
+        if OmegaConf.is_config(cfg):  # resolve interpolations (paths from the environment)
             cfg = OmegaConf.to_container(cfg, resolve=True)
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"data.embedded: expected a mapping, got {type(cfg).__name__}")
         cfg = dict(cfg)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(cfg) - names)
@@ -370,9 +380,8 @@ def head_model(spacing: float) -> tuple[torch.Tensor, np.ndarray]:
 
     Returns:
         ``(maps, affine)``: maps ``(C, X, Y, Z)`` float32 with channels :data:`CHANNELS`
-        (fractions gm + wm + csf_brain + csf_outer + other ≤ 1, the rest is air; the brain
-        mask is gm + wm + csf_brain), RAS; affine voxel → world (mm) of that grid (the
-        template's, extended by the neck below).
+        (tissue fractions sum to ≤ 1, the rest is air; ``brain`` = gm + wm + csf_brain), RAS;
+        affine voxel → world (mm) of that grid (the template's, extended by the neck below).
     """
     res = 1 if spacing < 2.0 else 2
     gm, wm, mask, affine = _mni_maps(res)
@@ -428,9 +437,9 @@ def head_model(spacing: float) -> tuple[torch.Tensor, np.ndarray]:
         "wm": wm,
         "csf_brain": csf_in,
         "csf_outer": chans["csf"],
-        "other": sum(chans[t] for t in others),
         "other_t1": sum(_T1_OTHER[t] * chans[t] for t in others),
         "other_t2": sum(_T2_OTHER[t] * chans[t] for t in others),
+        "brain": mask,
     }
     maps = np.stack([out[c] for c in CHANNELS]).astype(np.float32)
     if spacing > res * 1.01:  # anti-aliasing before sampling at a coarser spacing
@@ -456,17 +465,20 @@ def _smooth_field(
     shape: Sequence[int],
     spacing: float,
     control_mm: float,
-    sigma_cp: float,
-    channels: int = 1,
+    sigma_cp: Sequence[float],
 ) -> torch.Tensor:
-    """Smooth random field ``(channels, *shape)`` scaled to max |value| = 1 per channel.
+    """Smooth random fields ``(len(sigma_cp), *shape)``, each scaled to max |value| = 1.
 
-    Gaussian-smoothed white noise on a coarse control grid (``control_mm`` apart), trilinearly
-    upsampled to ``shape``: no per-voxel work besides the interpolation.
+    Gaussian-smoothed white noise (``sigma_cp`` control points per channel) on a coarse control
+    grid ``control_mm`` apart, trilinearly upsampled to ``shape`` in one call: no per-voxel
+    work besides the interpolation.
     """
+    channels = len(sigma_cp)
     coarse = [max(2, int(math.ceil(n * spacing / control_mm)) + 1) for n in shape]
     noise = rng.standard_normal((channels, *coarse)).astype(np.float32)
-    noise = np.stack([ndimage.gaussian_filter(c, sigma_cp, mode="wrap") for c in noise])
+    noise = np.stack(
+        [ndimage.gaussian_filter(c, sg, mode="wrap") for c, sg in zip(noise, sigma_cp, strict=True)]
+    )
     noise /= np.abs(noise).reshape(channels, -1).max(axis=1).reshape(-1, 1, 1, 1) + 1e-8
     up = F.interpolate(
         torch.from_numpy(noise)[None], size=tuple(shape), mode="trilinear", align_corners=True
@@ -485,20 +497,21 @@ def _grid_affine(cohort: Cohort, spacing: float) -> tuple[tuple[int, int, int], 
 def _bias_log_field(rng: np.random.Generator, shape: Sequence[int], order: int = 3) -> torch.Tensor:
     """Random polynomial of degree ``order`` in normalised coordinates, ``(X, Y, Z)``.
 
-    The TorchIO ``RandomBiasField`` model, computed as a sum of outer products (~20 ms).
+    The TorchIO ``RandomBiasField`` model, Σ c_ijk x^i y^j z^k with c ~ U(−1, 1) (no constant
+    term), evaluated as Σ_i x^i ⊗ G_i(y, z): ``order + 1`` full-volume operations, not one per
+    term (~20 ms at 2 mm; TorchIO's takes seconds, PITFALLS.md).
     """
-    axes = [torch.linspace(-1.0, 1.0, n) for n in shape]
+    x, y, z = (torch.linspace(-1.0, 1.0, n, dtype=torch.float64) for n in shape)
     out = torch.zeros(tuple(shape))
     for i in range(order + 1):
+        plane = torch.zeros(shape[1], shape[2], dtype=torch.float64)
         for j in range(order + 1 - i):
             for k in range(order + 1 - i - j):
                 if i + j + k == 0:
                     continue
                 c = float(rng.uniform(-1.0, 1.0))
-                px = axes[0] ** i
-                py = axes[1] ** j
-                pz = axes[2] ** k
-                out += c * px[:, None, None] * py[None, :, None] * pz[None, None, :]
+                plane += c * (y**j)[:, None] * (z**k)[None, :]
+        out.addcmul_((x**i).float().reshape(-1, 1, 1), plane.float()[None])
     return out
 
 
@@ -515,13 +528,14 @@ def _scale_log_field(log_field: torch.Tensor, brain: torch.Tensor, ratio: float)
     return field_
 
 
-def _extent(mask: torch.Tensor, axis: int) -> tuple[int, int]:
-    """First and last index along ``axis`` where ``mask`` (3D bool) has any voxel."""
+def _extent(mask: torch.Tensor, axis: int, grow: int = 0) -> tuple[int, int]:
+    """First and last index along ``axis`` where ``mask`` (3D bool) has a voxel, grown by
+    ``grow`` voxels on both sides and clipped to the grid."""
     dims = tuple(d for d in range(3) if d != axis)
     idx = torch.nonzero(mask.sum(dims) > 0)
     if idx.numel() == 0:
         return 0, mask.shape[axis] - 1
-    return int(idx.min()), int(idx.max())
+    return max(0, int(idx.min()) - grow), min(mask.shape[axis] - 1, int(idx.max()) + grow)
 
 
 def _kspace_acquire(
@@ -529,16 +543,24 @@ def _kspace_acquire(
 ) -> torch.Tensor:
     """Complex Gaussian noise + k-space truncation, magnitude image ``(X, Y, Z)``.
 
-    With ``norm="ortho"`` white noise of std σ per channel in k-space has std σ per channel in
-    the image; it is raised by 1/sqrt(kept fraction) so the *image* noise stays σ after the
-    truncation (a low-resolution acquisition reaches the same per-voxel SNR).
+    With ``norm="ortho"`` the FFT is unitary, so white complex noise of std σ per channel in
+    k-space is white complex noise of std σ per channel in the image: without truncation
+    (``keep`` all ≥ 1) the noise is added in the image (same distribution, no FFT). With
+    truncation it is raised by 1/sqrt(kept fraction) so the *image* noise stays σ after it
+    (a low-resolution acquisition reaches the same per-voxel SNR).
     """
-    spec = torch.fft.fftn(image.to(torch.complex64), norm="ortho")
     kept = float(np.prod([min(1.0, k) for k in keep]))
+    noise = None
     if sigma > 0:
-        noise = rng.standard_normal((2, *image.shape), dtype=np.float32)
-        noise = torch.from_numpy(noise)
-        spec += torch.complex(noise[0], noise[1]) * (sigma / math.sqrt(kept))
+        noise = rng.standard_normal((*image.shape, 2), dtype=np.float32)  # (X, Y, Z, re/im)
+        noise = torch.view_as_complex(torch.from_numpy(noise))
+    if kept >= 1.0:
+        if noise is None:
+            return image.abs()
+        return torch.hypot(image + sigma * noise.real, sigma * noise.imag)
+    spec = torch.fft.fftn(image.to(torch.complex64), norm="ortho")
+    if noise is not None:
+        spec.add_(noise, alpha=sigma / math.sqrt(kept))
     for axis, frac in enumerate(keep):
         if frac < 1.0:
             freq = torch.fft.fftfreq(image.shape[axis]).abs()
@@ -690,6 +712,27 @@ def synthesize_scan(spec: ScanSpec, spacing: float) -> dict[str, Any]:
     maps, t_affine = head_model(spacing)
     shape, affine = _grid_affine(cohort, spacing)
 
+    # ---- contrast: I = sum_t p_t mu_t, combined on the template grid before sampling
+    # (sampling is linear, so this equals combining the sampled maps, for 1 channel not 4);
+    # brain tissue means jittered per subject, the non-brain tissues share one factor
+    t2 = spec.kind == "t2_contrast"
+    jitter = rng.uniform(0.97, 1.03, size=4)
+    if t2:
+        wm = 0.45
+        gm = wm * art["gm_wm_ratio"]
+        means = {"gm": gm, "wm": wm, "csf": gm * art["csf_gm_ratio"]}
+    else:
+        means = {"gm": cohort.gm, "wm": 1.0, "csf": cohort.csf}
+    means = {t: means[t] * j for t, j in zip(("gm", "wm", "csf"), jitter[:3], strict=True)}
+    ch = {c: maps[i] for i, c in enumerate(CHANNELS)}
+    intensity = ch["gm"] * means["gm"]
+    intensity.add_(ch["wm"], alpha=means["wm"])
+    intensity.add_(ch["csf_brain"], alpha=means["csf"])
+    intensity.add_(ch["csf_outer"], alpha=means["csf"])
+    intensity.add_(ch["other_t2" if t2 else "other_t1"], alpha=float(jitter[3]))
+    stacked = torch.stack([intensity, ch["gm"], ch["brain"]])[None]  # (1, 3, X', Y', Z')
+    del intensity
+
     # ---- subject deformation: output voxel -> world -> (affine + displacement) -> template
     rot = rng.uniform(-10.0, 10.0, size=3)
     scales = rng.uniform(0.9, 1.1, size=3)
@@ -707,52 +750,38 @@ def synthesize_scan(spec: ScanSpec, spacing: float) -> dict[str, Any]:
     subj[:3, 3] = center - mat @ center + trans
     vox = np.linalg.inv(t_affine) @ subj @ affine  # output voxel -> template voxel
     t_shape = maps.shape[1:]
-    # normalised template coordinate (align_corners=True): 2 v / (n - 1) - 1
+    # normalised template coordinate (align_corners=True): 2 v / (n - 1) - 1; grid_sample
+    # wants (N, X, Y, Z, 3) with the last dim ordered (W, H, D) = template (z, y, x)
     norm = np.diag([2.0 / (n - 1) for n in t_shape] + [1.0])
     norm[:3, 3] = -1.0
-    m = torch.from_numpy(norm @ vox).float()
+    m = torch.from_numpy((norm @ vox)[[2, 1, 0]]).float()  # (3, 4), rows z, y, x
     idx = [torch.arange(n, dtype=torch.float32) for n in shape]
     grid = (
-        m[:3, 0].reshape(3, 1, 1, 1) * idx[0].reshape(1, -1, 1, 1)
-        + m[:3, 1].reshape(3, 1, 1, 1) * idx[1].reshape(1, 1, -1, 1)
-        + m[:3, 2].reshape(3, 1, 1, 1) * idx[2].reshape(1, 1, 1, -1)
-        + m[:3, 3].reshape(3, 1, 1, 1)
-    )  # (3, X, Y, Z), template axes order
-    disp = _smooth_field(rng, shape, spacing, control_mm=8.0, sigma_cp=2.5, channels=3)
+        idx[0].reshape(-1, 1, 1, 1) * m[:, 0]
+        + idx[1].reshape(1, -1, 1, 1) * m[:, 1]
+        + (idx[2].reshape(1, 1, -1, 1) * m[:, 2] + m[:, 3])
+    )  # (X, Y, Z, 3)
+    # displacement (3 channels, smoothed over ~20 mm) and intensity texture (~6 mm), together
+    fields = _smooth_field(rng, shape, spacing, control_mm=6.0, sigma_cp=(3.3, 3.3, 3.3, 1.0))
+    disp, texture = fields[:3], fields[3]
     t_res = np.abs(np.diag(t_affine)[:3])
-    scale_d = torch.tensor(disp_mm * 2.0 / (t_res * (np.asarray(t_shape) - 1)), dtype=torch.float32)
-    grid += disp * scale_d.reshape(3, 1, 1, 1)
-    # grid_sample wants (N, X, Y, Z, 3) with the last dim ordered (W, H, D) = (z, y, x)
-    grid = grid.flip(0).permute(1, 2, 3, 0)[None]
-    t2 = spec.kind == "t2_contrast"
-    sampled = [CHANNELS.index(c) for c in CHANNELS[:5] + ("other_t2" if t2 else "other_t1",)]
+    scale_d = disp_mm * 2.0 / (t_res * (np.asarray(t_shape) - 1))
+    grid += disp.permute(1, 2, 3, 0) * torch.tensor(scale_d[::-1].copy(), dtype=torch.float32)
+    del disp, fields
     warped = F.grid_sample(
-        maps[None, sampled], grid, mode="bilinear", padding_mode="zeros", align_corners=True
-    )[0]  # (6, X, Y, Z): gm, wm, csf_brain, csf_outer, other, other intensity
-    del grid, disp
+        stacked, grid[None], mode="bilinear", padding_mode="zeros", align_corners=True
+    )[0]  # (3, X, Y, Z): intensity, GM probability, brain mask
+    del grid, stacked
 
-    p_gm, p_wm = warped[0], warped[1]
-    p_csf = warped[2] + warped[3]
-    p_rest = 1.0 - p_gm - p_wm - p_csf
+    image, p_gm = warped[0], warped[1]
     probseg = p_gm.clamp(0.0, 1.0)
-    gm_label = (p_gm > 0.5) & (p_gm >= p_wm) & (p_gm >= p_csf) & (p_gm >= p_rest)
-    brain = (warped[0] + warped[1] + warped[2]) > 0.5
-    head = warped[:5].sum(0) > 0.5
+    # the sampled class probabilities are convex combinations of template ones that sum to
+    # <= 1, so p_GM > 0.5 is exactly "GM is the most probable of (GM, WM, CSF, rest)"
+    gm_label = p_gm > 0.5
+    brain = warped[2] > 0.5
+    # the head (object) extends beyond the brain by the synthetic head layers
+    grow = int(math.ceil(_HEAD_LAYERS[-1][1] / spacing))
 
-    # ---- contrast: I = sum_t p_t mu_t (brain tissue means jittered per subject, non-brain
-    # tissues share one jitter factor)
-    jitter = rng.uniform(0.97, 1.03, size=4)
-    if t2:
-        wm = 0.45
-        gm = wm * art["gm_wm_ratio"]
-        means = {"gm": gm, "wm": wm, "csf": gm * art["csf_gm_ratio"]}
-    else:
-        means = {"gm": cohort.gm, "wm": 1.0, "csf": cohort.csf}
-    means = {t: means[t] * j for t, j in zip(("gm", "wm", "csf"), jitter[:3], strict=True)}
-    image = means["gm"] * p_gm + means["wm"] * p_wm + means["csf"] * p_csf
-    image += float(jitter[3]) * warped[5]
-    del warped
-    texture = _smooth_field(rng, shape, spacing, control_mm=6.0, sigma_cp=1.0)[0]
     image *= 1.0 + 0.03 * texture
 
     # ---- bias field (cohort strength, or the artifact's)
@@ -779,7 +808,7 @@ def synthesize_scan(spec: ScanSpec, spacing: float) -> dict[str, Any]:
     # ---- object-level artifacts
     if spec.kind == "missing_side":
         axis = art["axis"]
-        lo, hi = _extent(head, axis)
+        lo, hi = _extent(brain, axis, grow)
         coords = torch.arange(shape[axis], dtype=torch.float32)
         width = max(art["edge_mm"] / spacing, 0.5)
         if art["side"] == "left":  # RAS: left = low index along R
@@ -800,7 +829,7 @@ def synthesize_scan(spec: ScanSpec, spacing: float) -> dict[str, Any]:
     labels = {"probseg": probseg, "gm": gm_label, "brain": brain}
     if spec.kind == "wrap":
         axis = art["axis"]
-        lo, hi = _extent(head, axis)
+        lo, hi = _extent(brain, axis, grow)
         extent = hi - lo + 1
         size = int(round(extent * (1.0 - art["overlap"])))
         size = max(8, min(size, shape[axis] - 1))
@@ -1087,7 +1116,7 @@ def ensure_embedded(
     if not reused:
         if root.exists():  # a folder without the marker was not produced by a finished build
             log.warning("%s: no %s, rebuilding", root, _MARKER)
-            stale = root.with_name(f".{name}.stale-{os.getpid()}")
+            stale = root.with_name(f".{name}.stale-{os.getpid()}-{time.time_ns()}")
             os.replace(root, stale)
             shutil.rmtree(stale, ignore_errors=True)
         log.info("building embedded dataset %s (first use)", root)
