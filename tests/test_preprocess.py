@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torchio as tio
 
 from qcflow.data import preprocess as pp
 from qcflow.data.datasets import central_indices, extract_slice, fit_square
@@ -136,3 +137,32 @@ def test_slice_helpers() -> None:
     assert square[0, 2:8, 3:7].sum() == 24  # centred
     shrunk = fit_square(torch.ones(1, 20, 10), 10)
     assert shrunk.shape == (1, 10, 10) and torch.allclose(shrunk.sum(), torch.tensor(50.0))
+
+
+def test_robust_rescale_matches_torchio() -> None:
+    """Our percentile rescaling gives TorchIO's RescaleIntensity result."""
+    rng = np.random.default_rng(1)
+    vol = np.zeros((60, 64, 56), np.float32)
+    vol[10:50, 8:56, 6:50] = rng.gamma(4.0, 50.0, (40, 48, 44))  # skewed "tissue"
+    data = torch.from_numpy(vol)[None]
+    ours = pp.RobustRescale((0.5, 99.5))(tio.Subject(image=tio.ScalarImage(tensor=data)))
+    ref = tio.RescaleIntensity((0.0, 1.0), percentiles=(0.5, 99.5))(
+        tio.Subject(image=tio.ScalarImage(tensor=data))
+    )
+    assert float(ours["image"].data.min()) == 0.0 and float(ours["image"].data.max()) == 1.0
+    assert torch.allclose(ours["image"].data, ref["image"].data, atol=1e-5)
+
+
+def test_resample_skipped_only_at_target_spacing(tmp_path: Path) -> None:
+    """A 2 mm scan is not resampled for 2 mm output; the result equals the resampled path."""
+    scan = _cube_scan(tmp_path, lps=False)  # 3 mm voxels
+    img = nib.load(scan.path)
+    two = tmp_path / "two.nii.gz"
+    aff = img.affine.copy()
+    aff[:3, :3] = np.diag([2.0, 2.0, 2.0])
+    nib.save(nib.Nifti1Image(img.get_fdata().astype(np.float32), aff), two)
+    pcfg = pp.PreprocessConfig(spacing=2.0, shape=(48, 48, 40))
+    fast = pp.preprocess_scan(Scan(scan_id="two", path=two), pcfg, with_label=False)
+    subject = tio.Subject(image=pp._load_image(two, label=False))
+    slow = pp.make_transform(pcfg, resample=True)(subject)["image"].data
+    assert torch.allclose(fast["image"], slow, atol=1e-4)

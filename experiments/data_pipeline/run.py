@@ -54,15 +54,22 @@ def monai_pipeline(spacing: float, shape: tuple[int, int, int]):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small dataset, < 1 minute")
-    parser.add_argument("--spacing", type=float, default=2.0)
+    parser.add_argument("--spacing", type=float, default=2.0, help="preprocessing target (mm)")
+    parser.add_argument(
+        "--data-spacing",
+        type=float,
+        default=None,
+        help="embedded data voxel size (default: --spacing)",
+    )
+    parser.add_argument("--n-subjects", type=int, default=150, help="training subjects built")
     parser.add_argument("--n-timed", type=int, default=30, help="scans timed per method")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     cfg = OmegaConf.create(
         {
-            "spacing": args.spacing,
-            "n_subjects": 150,
+            "spacing": args.data_spacing or args.spacing,
+            "n_subjects": args.n_subjects,
             "n_test_clean": 40,
             "n_test_per_kind": 8,
             "artifact_fraction": 0.05,
@@ -71,7 +78,9 @@ def main() -> None:
         }
     )
     if args.quick:
-        cfg.update({"n_subjects": 12, "n_test_clean": 2, "n_test_per_kind": 1})
+        cfg.update(
+            {"n_subjects": min(12, args.n_subjects), "n_test_clean": 2, "n_test_per_kind": 1}
+        )
         args.n_timed = min(args.n_timed, 8)
     with tempfile.TemporaryDirectory() as tmp:
         cfg.dir = str(Path(tmp) / "embedded")
@@ -101,6 +110,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in (("cold", cold), ("warm", warm), ("monai", monai))}
     result = {
         "spacing_mm": args.spacing,
+        "data_spacing_mm": args.data_spacing or args.spacing,
         "quick": args.quick,
         "threads": torch.get_num_threads(),
         "n_scans_built": n_built,
@@ -118,8 +128,8 @@ def main() -> None:
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    if args.spacing != 2.0:
-        suffix += f"_{args.spacing:g}mm"
+    if args.spacing != 2.0 or (args.data_spacing or args.spacing) != args.spacing:
+        suffix += f"_{args.data_spacing or args.spacing:g}to{args.spacing:g}mm"
     (out_dir / f"metrics{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 

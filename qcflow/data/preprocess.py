@@ -33,6 +33,7 @@ __all__ = [
     "PreprocessConfig",
     "resolve_shape",
     "make_transform",
+    "RobustRescale",
     "preprocess_scan",
     "PreprocessCache",
     "file_digest",
@@ -41,7 +42,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: bump when the preprocessing code changes in a way that changes its output
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
 
 
 def resolve_shape(
@@ -100,17 +101,56 @@ class PreprocessConfig:
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def make_transform(pcfg: PreprocessConfig) -> tio.Compose:
-    """The TorchIO preprocessing pipeline (see module docstring)."""
-    return tio.Compose(
-        [
-            tio.ToCanonical(),
-            tio.Resample(pcfg.spacing),
-            tio.RescaleIntensity(out_min_max=(0.0, 1.0), percentiles=pcfg.percentiles),
-            _HeadMask(pcfg.head_threshold),
-            tio.CropOrPad(pcfg.shape, mask_name="_head"),
-        ]
-    )
+def make_transform(pcfg: PreprocessConfig, resample: bool = True) -> tio.Compose:
+    """The TorchIO preprocessing pipeline (see module docstring).
+
+    Args:
+        pcfg: preprocessing settings.
+        resample: include ``tio.Resample``; :func:`preprocess_scan` leaves it out when the
+            scan already has the target voxel size (resampling would be the identity).
+    """
+    steps: list[tio.Transform] = [tio.ToCanonical()]
+    if resample:
+        steps.append(tio.Resample(pcfg.spacing))
+    steps += [
+        RobustRescale(pcfg.percentiles),
+        _HeadMask(pcfg.head_threshold),
+        tio.CropOrPad(pcfg.shape, mask_name="_head"),
+    ]
+    return tio.Compose(steps)
+
+
+class RobustRescale(tio.IntensityTransform):
+    """Map the intensities at two percentiles to 0 and 1 and clip (like ``tio.RescaleIntensity``).
+
+    Same result as ``tio.RescaleIntensity(out_min_max=(0, 1), percentiles=...)`` (tested) at
+    about half the cost: one ``np.percentile`` call and an in-place torch clamp/scale.
+
+    Args:
+        percentiles: ``(low, high)`` in [0, 100].
+    """
+
+    def __init__(self, percentiles: tuple[float, float] = (0.5, 99.5), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.percentiles = tuple(float(p) for p in percentiles)
+        self.args_names = ["percentiles"]
+
+    @staticmethod
+    def cutoffs(data: torch.Tensor, percentiles: tuple[float, float]) -> tuple[float, float]:
+        """Intensities at ``percentiles`` of ``data`` (linear interpolation, like NumPy)."""
+        lo, hi = np.percentile(data.numpy().reshape(-1), percentiles)
+        return float(lo), float(hi)
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        for image in self.get_images(subject):
+            data = image.data.float()
+            lo, hi = self.cutoffs(data, self.percentiles)
+            if hi > lo:
+                data = (data.clamp(lo, hi) - lo) / (hi - lo)
+            else:  # constant image: all zeros rather than NaN
+                data = torch.zeros_like(data)
+            image.set_data(data.contiguous())
+        return subject
 
 
 class _HeadMask(tio.Transform):
@@ -155,8 +195,10 @@ def preprocess_scan(scan: Scan, pcfg: PreprocessConfig, with_label: bool = True)
         subject.add_image(_load_image(scan.label_path, label=True), "label")
     if with_label and scan.mask_path is not None:
         subject.add_image(_load_image(scan.mask_path, label=True), "mask")
+    spacing = np.broadcast_to(np.asarray(pcfg.spacing, dtype=float), (3,))
+    resample = not np.allclose(subject["image"].spacing, spacing, atol=1e-3)
     try:
-        out = make_transform(pcfg)(subject)
+        out = make_transform(pcfg, resample=resample)(subject)
     except Exception as exc:  # TorchIO raises plain errors for e.g. mismatched label grids
         raise ScanError(scan.path, f"preprocessing failed: {exc}".splitlines()[0]) from exc
     result: dict[str, Any] = {
