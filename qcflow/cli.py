@@ -21,12 +21,28 @@ from omegaconf import DictConfig, OmegaConf
 from qcflow.errors import ConfigError, QCFlowError
 from qcflow.utils.io import atomic_write_json
 
-__all__ = ["main", "run_task", "config_dir", "TASKS"]
+__all__ = ["main", "run_task", "config_dir", "available_tasks", "TASKS"]
 
 log = logging.getLogger("qcflow")
 
+
+def available_tasks() -> tuple[str, ...]:
+    """Task names the CLI can dispatch to: the modules of ``qcflow.tasks`` (``run(cfg)``)."""
+    import pkgutil
+
+    import qcflow.tasks
+
+    return tuple(
+        sorted(
+            m.name
+            for m in pkgutil.iter_modules(qcflow.tasks.__path__)
+            if not m.name.startswith("_") and m.name != "common"
+        )
+    )
+
+
 #: tasks the CLI can dispatch to (module names under qcflow/tasks)
-TASKS = ("synth", "validate")
+TASKS = available_tasks()
 
 
 def config_dir() -> Path:
