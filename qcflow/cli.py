@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qcflow.errors import ConfigError, QCFlowError
 from qcflow.utils.io import atomic_write_json
+from qcflow.utils.wandb import finish_wandb
 
 __all__ = ["main", "run_task", "config_dir", "available_tasks", "TASKS"]
 
@@ -73,6 +74,11 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("qcflow_uid", lambda: secrets.token_hex(3), use_cache=True)
     if not OmegaConf.has_resolver("qcflow_experiments"):
         OmegaConf.register_new_resolver("qcflow_experiments", _experiments_help)
+    if not OmegaConf.has_resolver("qcflow_wandb_offline"):
+        from qcflow.utils.wandb import run_group, wandb_offline
+
+        OmegaConf.register_new_resolver("qcflow_wandb_offline", wandb_offline)
+        OmegaConf.register_new_resolver("qcflow_run_group", run_group)
 
 
 _register_resolvers()
@@ -84,7 +90,10 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
     if task not in TASKS:
         raise ConfigError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
     module = importlib.import_module(f"qcflow.tasks.{task}")
-    results = module.run(cfg) or {}
+    try:
+        results = module.run(cfg) or {}
+    finally:
+        finish_wandb()  # every (multirun) job gets its own W&B run
     out_dir = Path(cfg.paths.output_dir)
     atomic_write_json(out_dir / "metrics.json", results)
     log.info("results written to %s", out_dir / "metrics.json")
