@@ -84,3 +84,21 @@ def test_default_sweep_folder_is_findable(tmp_path: Path, qcflow_home: Path) -> 
     latest = find_latest_run(qcflow_home / "runs", "validate")
     assert latest.parent.name.startswith("multirun_")
     assert (latest / "validation.tsv").is_file()
+
+
+def test_slurm_launcher_one_task_per_device() -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    from qcflow.cli import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=["launcher=slurm", "trainer=ddp", "trainer.devices=4"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.tasks_per_node == 4 and launcher.gpus_per_node == 4
+    assert cfg.trainer.strategy == "ddp"
