@@ -127,6 +127,8 @@ class ScoreTable:
         self.columns = [*BASE_COLUMNS, *columns, *TAIL_COLUMNS]
         self.flush_every = max(1, int(flush_every))
         self.rows: dict[str, dict[str, Any]] = {}
+        #: scan ids in the order rows are written (others follow in insertion order)
+        self.order: list[str] = []
         self._dirty = 0
 
     def add(self, row: dict[str, Any]) -> None:
@@ -136,7 +138,9 @@ class ScoreTable:
             self.flush()
 
     def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(list(self.rows.values()), columns=self.columns)
+        rank = {sid: i for i, sid in enumerate(self.order)}
+        ids = sorted(self.rows, key=lambda sid: rank.get(sid, len(rank)))
+        return pd.DataFrame([self.rows[sid] for sid in ids], columns=self.columns)
 
     def flush(self) -> None:
         with atomic_path(self.path) as tmp:
@@ -199,6 +203,7 @@ def score_scans(
     columns = [c for s in scorers for c in s.columns]
     model_id = models_identity(scorers, pcfg)
     table = ScoreTable(table_path, columns, flush_every)
+    table.order = [scan.scan_id for scan in scans]
     reusable = _reusable(previous, model_id)
 
     todo: list[Scan] = []
