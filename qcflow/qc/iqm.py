@@ -88,14 +88,23 @@ def head_mask(image: Any) -> np.ndarray:
     return ndimage.binary_fill_holes(mask)
 
 
-def _kmeans_1d(values: np.ndarray, k: int = 3, iters: int = 30) -> np.ndarray:
-    """Sorted class centres of a deterministic 1-D k-means (initialised at quantiles)."""
-    centres = np.quantile(values, np.linspace(0.15, 0.85, k))
+def _kmeans_1d(values: np.ndarray, k: int = 3, iters: int = 50, bins: int = 1024) -> np.ndarray:
+    """Sorted class centres of a deterministic 1-D k-means (initialised at quantiles).
+
+    Runs on a ``bins``-bin histogram (weighted centres): the same fixed point up to the bin
+    width, ~100x faster than iterating over every voxel.
+    """
+    hist, edges = np.histogram(values, bins=bins)
+    mids = (edges[:-1] + edges[1:]) / 2
+    cdf = np.cumsum(hist) / hist.sum()
+    centres = np.array([mids[np.searchsorted(cdf, q)] for q in np.linspace(0.15, 0.85, k)])
     for _ in range(iters):
-        assign = np.argmin(np.abs(values[:, None] - centres[None]), axis=1)
-        new = np.array(
-            [values[assign == j].mean() if (assign == j).any() else centres[j] for j in range(k)]
-        )
+        assign = np.argmin(np.abs(mids[:, None] - centres[None]), axis=1)
+        new = centres.copy()
+        for j in range(k):
+            w = hist[assign == j]
+            if w.sum() > 0:
+                new[j] = np.average(mids[assign == j], weights=w)
         if np.allclose(new, centres):
             break
         centres = new
