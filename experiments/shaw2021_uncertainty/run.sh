@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Shaw et al. 2021 study on the embedded data: task -> 5 teachers -> student -> evaluate.
+# Usage: experiments/shaw2021_uncertainty/run.sh [extra hydra overrides for every stage]
+# Size knobs (environment): EPOCHS (task/teachers), STUDENT_EPOCHS, STEPS (batches per epoch),
+# MAX_SCANS (held-out clean scans evaluated, each clean + one copy per kind).
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+cd "$HERE/../.."
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+EPOCHS="${EPOCHS:-6}"
+STUDENT_EPOCHS="${STUDENT_EPOCHS:-8}"
+STEPS="${STEPS:-25}"
+MAX_SCANS="${MAX_SCANS:-10}"
+COMMON=("trainer.enable_progress_bar=false" "trainer.limit_train_batches=$STEPS" "$@")
+PY="${PYTHON:-python}"
+
+if [ -z "${SKIP_TASK:-}" ]; then  # SKIP_TASK=1 reuses the latest uncertainty_task run
+  $PY -m qcflow experiment=uncertainty_task trainer.max_epochs="$EPOCHS" "${COMMON[@]}"
+fi
+$PY -m qcflow -m experiment=uncertainty_teacher artifact=spike,noise,blur,wrap,motion \
+  trainer.max_epochs="$EPOCHS" "${COMMON[@]}"
+$PY -m qcflow experiment=uncertainty_student trainer.max_epochs="$STUDENT_EPOCHS" "${COMMON[@]}"
+$PY -m qcflow experiment=uncertainty_evaluate evaluate.max_scans="$MAX_SCANS" "$@"
+
+# copy the evaluation's results next to this script
+RUNS="${QCFLOW_RUNS_DIR:-${QCFLOW_HOME:-$HOME/qcflow}/runs}"
+LATEST="$(ls -td "$RUNS"/uncertainty_evaluate/*/ | head -1)"
+mkdir -p "$HERE/results/figures"
+cp "$LATEST/metrics.json" "$HERE/results/metrics.json"
+cp "$LATEST/scans.tsv" "$HERE/results/scans.tsv"
+cp "$LATEST"/figures/*.png "$HERE/results/figures/"
+echo "results copied from $LATEST"

@@ -1,0 +1,277 @@
+"""``UncertaintySeg``: the task / teacher / student heteroscedastic segmentation networks.
+
+Shaw et al. (MIDL 2020; MELBA 2021), see DESIGN.md method B. One module, three roles:
+
+* ``task``: a two-head U-Net trained on clean patches; predicts logits and ``sigma_t^2``.
+* ``teacher`` (one per artifact kind i): trained on patches corrupted with kind i only; predicts
+  ``(sigma_t_hat^2, sigma_i^2)``; the heteroscedastic CE uses their sum, and the consistency loss
+  ties ``sigma_t_hat^2`` to the frozen task network's ``sigma_t^2`` *on the clean patch*, so the
+  extra variance the corruption causes lands in ``sigma_i^2``.
+* ``student``: trained with all kinds; predicts ``sigma_t^2`` and every ``sigma_i^2``; channel
+  ``task`` is supervised by the frozen task network on the clean patch, channel ``i`` by frozen
+  teacher i's ``sigma_i^2`` on the same corrupted patch.
+
+Frozen networks are held in ``self.frozen`` (moved with the module, always in eval mode, never
+given to the optimizer, ``requires_grad=False``) and are left out of checkpoints. Training batches
+carry ``image`` (corrupted), ``image_clean`` and ``label`` (see :class:`PairedPatchDataModule`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torchio as tio
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from qcflow.data.datamodule import PatchDataModule, _patch_collate
+from qcflow.models.losses import consistency_loss, heteroscedastic_ce
+from qcflow.models.unet import TwoHeadUNet
+
+__all__ = ["ROLES", "DEFAULT_KINDS", "sources_for", "UncertaintySeg", "PairedPatchDataModule"]
+
+ROLES = ("task", "teacher", "student")
+DEFAULT_KINDS = ("spike", "noise", "blur", "wrap", "motion")
+
+
+def sources_for(role: str, kinds: Sequence[str]) -> list[str]:
+    """Names of the log-variance channels: ``task`` then the artifact kinds of the role."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    if role == "task":
+        return ["task"]
+    if role == "teacher" and len(kinds) != 1:
+        raise ValueError(f"a teacher has exactly one artifact kind, got {list(kinds)}")
+    return ["task", *kinds]
+
+
+def _dice(pred: Tensor, target: Tensor) -> Tensor:
+    inter = (pred * target).sum()
+    denom = pred.sum() + target.sum()
+    return torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.ones_like(denom))
+
+
+class UncertaintySeg(pl.LightningModule):
+    """Heteroscedastic two-head segmentation network in one of three roles.
+
+    Args:
+        role: ``task`` | ``teacher`` | ``student``.
+        kinds: artifact kinds (one for a teacher, all for a student, ignored for the task).
+        net: :class:`~qcflow.models.unet.TwoHeadUNet` keyword arguments (``num_sources`` is set
+            from the role).
+        lr: Adam learning rate (1e-4 in the paper).
+        eps: initial epsilon (0.05), changed by :class:`~qcflow.lit.callbacks.EpsilonSchedule`.
+        consistency_weight: weight of the consistency terms.
+        ssim_weight: lambda of the SSIM term in the consistency loss (0.1).
+        ds_weights: deep-supervision loss weights (full resolution first); default halves per
+            level (nnU-Net), normalised to sum 1.
+        task_net: frozen task network (teacher and student).
+        teacher_nets: frozen teacher networks by kind (student).
+
+    Shapes: ``forward(x (B, 1, D, H, W)) -> (logits (B, 2, D, H, W), log_var (B, K, D, H, W))``
+    with K = 1 (task), 2 (teacher), 1 + len(kinds) (student).
+    """
+
+    def __init__(
+        self,
+        role: str = "task",
+        kinds: Sequence[str] = DEFAULT_KINDS,
+        net: Mapping[str, Any] | None = None,
+        lr: float = 1e-4,
+        eps: float = 0.05,
+        consistency_weight: float = 1.0,
+        ssim_weight: float = 0.1,
+        ds_weights: Sequence[float] | None = None,
+        task_net: nn.Module | None = None,
+        teacher_nets: Mapping[str, nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        kinds = [] if role == "task" else [str(k) for k in kinds]
+        self.save_hyperparameters(ignore=["task_net", "teacher_nets"])
+        self.role = role
+        self.kinds = kinds
+        self.sources = sources_for(role, kinds)
+        net_kwargs = dict(net or {})
+        net_kwargs["num_sources"] = len(self.sources)
+        self.net = TwoHeadUNet(**net_kwargs)
+        self.lr = float(lr)
+        self.eps = float(eps)
+        self.consistency_weight = float(consistency_weight)
+        self.ssim_weight = float(ssim_weight)
+        self.ds_weights = list(ds_weights) if ds_weights else None
+        # frozen stages are optional here (loading for inference); fitting checks them
+        frozen: dict[str, nn.Module] = {}
+        if task_net is not None and role != "task":
+            frozen["task"] = task_net
+        if role == "student" and teacher_nets:
+            frozen.update({k: teacher_nets[k] for k in kinds if k in teacher_nets})
+        self.frozen = nn.ModuleDict(frozen)
+        for module in self.frozen.values():
+            module.requires_grad_(False)
+            module.eval()
+
+    # ------------------------------------------------------------------ basics
+    def train(self, mode: bool = True) -> UncertaintySeg:
+        super().train(mode)
+        for module in self.frozen.values():  # frozen stages stay in eval mode
+            module.eval()
+        return self
+
+    def missing_frozen(self) -> list[str]:
+        """Frozen stages this role needs for training but does not have."""
+        need = [] if self.role == "task" else ["task"]
+        if self.role == "student":
+            need += self.kinds
+        return [k for k in need if k not in self.frozen]
+
+    def on_fit_start(self) -> None:
+        missing = self.missing_frozen()
+        if missing:
+            raise ValueError(f"role '{self.role}' needs frozen networks for: {', '.join(missing)}")
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.net(x)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.net.parameters(), lr=self.lr)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # frozen stages live in their own checkpoints
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("frozen.")]:
+            del state[key]
+        checkpoint["eps"] = self.eps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.eps = float(checkpoint.get("eps", self.eps))
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, **kw: Any):
+        own = {k: v for k, v in state_dict.items() if not k.startswith("frozen.")}
+        missing_frozen = {k for k in self.state_dict() if k.startswith("frozen.")}
+        result = super().load_state_dict(own, strict=False, **kw)
+        if strict:
+            missing = [k for k in result.missing_keys if k not in missing_frozen]
+            if missing or result.unexpected_keys:
+                raise RuntimeError(
+                    f"checkpoint does not match the network: missing {missing[:5]}, "
+                    f"unexpected {result.unexpected_keys[:5]}"
+                )
+        return result
+
+    # ------------------------------------------------------------------ targets
+    @torch.no_grad()
+    def reference_variances(self, image: Tensor, image_clean: Tensor) -> Tensor:
+        """Frozen-network targets for each supervised log-variance channel ``(B, n, D, H, W)``.
+
+        Teacher: ``[sigma_t^2(clean)]`` (its task channel only). Student:
+        ``[sigma_t^2(clean), sigma_i^2 of teacher i on image for each kind]``.
+        """
+        targets = [self.frozen["task"](image_clean)[1][:, :1].exp()]
+        if self.role == "student":
+            for kind in self.kinds:
+                targets.append(self.frozen[kind](image)[1][:, 1:2].exp())
+        return torch.cat(targets, dim=1)
+
+    def _weights(self, n: int) -> list[float]:
+        w = self.ds_weights[:n] if self.ds_weights else [0.5**i for i in range(n)]
+        total = sum(w)
+        return [v / total for v in w]
+
+    def compute_loss(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Heteroscedastic CE (all deep-supervision outputs) + consistency (full resolution)."""
+        image, label = batch["image"], batch["label"]
+        outs = self.net.forward_all(image)
+        weights = self._weights(len(outs))
+        seg = sum(
+            w * heteroscedastic_ce(lg, label, lv, self.eps)
+            for w, (lg, lv) in zip(weights, outs, strict=True)
+        )
+        out = {"seg": seg, "loss": seg}
+        logits, log_var = outs[0]
+        if self.role != "task":
+            clean = batch.get("image_clean", image)
+            ref = self.reference_variances(image, clean)  # (B, n, D, H, W)
+            var = log_var[:, : ref.shape[1]].exp()
+            cons = (
+                sum(
+                    consistency_loss(var[:, c : c + 1], ref[:, c : c + 1], self.ssim_weight)
+                    for c in range(ref.shape[1])
+                )
+                / ref.shape[1]
+            )
+            out["consistency"] = cons
+            out["loss"] = seg + self.consistency_weight * cons
+        with torch.no_grad():
+            pred = logits.argmax(1)
+            out["dice"] = _dice((pred == 1).float(), (label[:, 0] == 1).float())
+        return out
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        losses = self.compute_loss(batch)
+        bs = batch["image"].shape[0]
+        self.log("train/loss", losses["loss"], on_step=True, on_epoch=True, batch_size=bs)
+        for k in ("seg", "consistency", "dice"):
+            if k in losses:
+                self.log(f"train/{k}", losses[k], on_step=False, on_epoch=True, batch_size=bs)
+        self.log("train/eps", self.eps, on_step=False, on_epoch=True, batch_size=bs)
+        return losses["loss"]
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        losses = self.compute_loss(batch)
+        bs = batch["image"].shape[0]
+        for k, v in losses.items():
+            self.log(f"val/{k}", v, on_step=False, on_epoch=True, batch_size=bs)
+
+
+class _KeepClean(tio.Transform):
+    """Copy ``image`` to ``image_clean`` (before the corruption) so patches come in pairs."""
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        image = subject["image"]
+        clean = tio.ScalarImage(tensor=image.data.clone(), affine=image.affine)
+        subject.add_image(clean, "image_clean")
+        return subject
+
+
+def _paired_collate(batch: list[tio.Subject]) -> dict[str, Any]:
+    out = _patch_collate(batch)
+    if "image_clean" in batch[0]:
+        out["image_clean"] = torch.stack([s["image_clean"].data for s in batch])
+    else:  # clean training / validation: the image is its own clean version
+        out["image_clean"] = out["image"]
+    return out
+
+
+class PairedPatchDataModule(PatchDataModule):
+    """Patches of a corrupted volume with the matching clean patch (``image_clean``).
+
+    The whole volume is corrupted (k-space artifacts are global; ``augment.device: loader``)
+    before the queue samples patches, so corrupted and clean patches share the location and the
+    intensity scaling. Validation patches are clean (``image_clean == image``).
+
+    Args:
+        data_cfg: the ``data`` config group.
+        sampler: a :class:`~qcflow.kspace.RandomArtifacts`, or ``None`` for clean training.
+    """
+
+    def __init__(self, data_cfg: Any, sampler: Any | None = None) -> None:
+        transform = None
+        if sampler is not None:
+            from qcflow.kspace.torchio_adapter import RandomKSpaceArtifacts
+
+            transform = tio.Compose(
+                [_KeepClean(), RandomKSpaceArtifacts(sampler, record_key=None, include=["image"])]
+            )
+        super().__init__(data_cfg, with_label=True, transform=transform)
+
+    def _patch_loader(self, queue: tio.Queue) -> DataLoader:
+        return DataLoader(
+            queue,
+            batch_size=int(self.cfg.get("batch_size", 2)),
+            num_workers=0,
+            collate_fn=_paired_collate,
+        )

@@ -1,0 +1,107 @@
+"""A 3-D nnU-Net-style U-Net (MONAI ``DynUNet``) with a segmentation head and a log-variance head.
+
+Shaw et al. (MIDL 2020, MELBA 2021) predict, per voxel, segmentation logits ``f`` and one
+log-variance channel ``s_k = log sigma_k^2`` per uncertainty source (task, and one per artifact
+kind). Both heads are 1x1x1 convolutions on the last decoder features; MONAI's ``DynUNet`` ends in
+exactly such a convolution, so one ``DynUNet`` with ``num_classes + num_sources`` output channels
+split into ``(logits, log_var)`` *is* the two-head network (the heads share no weights).
+
+Deep supervision (PITFALLS.md): with ``deep_supervision=True`` ``DynUNet`` returns a stacked
+``(B, 1 + deep_supr_num, C, D, H, W)`` tensor in training mode and a single ``(B, C, D, H, W)``
+tensor in eval mode; :meth:`TwoHeadUNet.forward_all` always returns a list of outputs (full
+resolution first) and :meth:`TwoHeadUNet.forward` always the full-resolution one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.nets import DynUNet
+from torch import Tensor, nn
+
+__all__ = ["TwoHeadUNet", "LOG_VAR_RANGE"]
+
+#: log sigma^2 is clamped to this range before exponentiation (avoids inf/0 variances)
+LOG_VAR_RANGE = (-12.0, 12.0)
+
+
+class TwoHeadUNet(nn.Module):
+    """DynUNet returning segmentation logits and per-source log-variances.
+
+    Args:
+        num_sources: log-variance channels K (1 task; 2 teacher: task + its kind; 1 + n_kinds
+            student).
+        num_classes: segmentation classes (2: background, grey matter).
+        in_channels: image channels.
+        filters: features per resolution level; the number of levels is ``len(filters)``, each
+            level below the first halves the resolution (patches must be divisible by
+            ``2 ** (len(filters) - 1)``).
+        kernel_size: convolution kernel size at every level.
+        norm_name: MONAI normalisation name (nnU-Net: instance norm).
+        deep_supervision: add deep-supervision heads (training mode only).
+        deep_supr_num: number of deep-supervision outputs.
+        res_block: residual blocks (nnU-Net "ResEnc"-like) instead of plain conv blocks.
+
+    Shapes:
+        ``x`` ``(B, in_channels, D, H, W)`` -> ``logits`` ``(B, num_classes, D, H, W)`` and
+        ``log_var`` ``(B, num_sources, D, H, W)``.
+    """
+
+    def __init__(
+        self,
+        num_sources: int = 1,
+        num_classes: int = 2,
+        in_channels: int = 1,
+        filters: Sequence[int] = (16, 32, 64, 128),
+        kernel_size: int = 3,
+        norm_name: str = "instance",
+        deep_supervision: bool = False,
+        deep_supr_num: int = 1,
+        res_block: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_sources < 1 or num_classes < 2:
+            raise ValueError(
+                f"need num_sources >= 1 and num_classes >= 2, got {num_sources}, {num_classes}"
+            )
+        levels = len(filters)
+        if levels < 3:  # DynUNet needs at least 3 levels
+            raise ValueError(f"filters needs at least 3 levels, got {list(filters)}")
+        strides = [1] + [2] * (levels - 1)
+        self.num_sources = int(num_sources)
+        self.num_classes = int(num_classes)
+        self.divisor = 2 ** (levels - 1)
+        self.net = DynUNet(
+            spatial_dims=3,
+            in_channels=in_channels,
+            out_channels=num_classes + num_sources,
+            kernel_size=[kernel_size] * levels,
+            strides=strides,
+            upsample_kernel_size=strides[1:],
+            filters=list(filters),
+            norm_name=norm_name,
+            deep_supervision=deep_supervision,
+            deep_supr_num=deep_supr_num,
+            res_block=res_block,
+        )
+
+    def _split(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        logits, log_var = out.split([self.num_classes, self.num_sources], dim=1)
+        return logits, log_var.clamp(*LOG_VAR_RANGE)
+
+    def forward_all(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """All outputs (full resolution first; deep-supervision ones are upsampled by DynUNet)."""
+        out = self.net(x)
+        outs = out.unbind(1) if out.ndim == 6 else (out,)  # (B, 1 + n, C, D, H, W) in training
+        return [self._split(o) for o in outs]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits, log_var)`` at full resolution."""
+        return self.forward_all(x)[0]
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Concatenated ``(B, num_classes + num_sources, D, H, W)`` (for sliding windows)."""
+        logits, log_var = self.forward(x)
+        return torch.cat([logits, log_var], dim=1)

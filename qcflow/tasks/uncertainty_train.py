@@ -1,0 +1,114 @@
+"""Train one stage of method B: ``uncertainty.role = task | teacher | student``.
+
+* task: clean patches (no augmentation);
+* teacher: ``artifact`` only (``augment.<artifact>`` ranges, probability ``uncertainty.kind_p``),
+  with the latest ``uncertainty_task`` run frozen (or ``uncertainty.task_ckpt``);
+* student: all ``uncertainty.kinds``, with the frozen task network and the latest teacher run per
+  kind (experiments ``uncertainty_teacher_<kind>``, or ``uncertainty.teacher_ckpts.<kind>``).
+
+Corruption happens per whole volume before patch sampling (``PairedPatchDataModule``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from qcflow.errors import ConfigError
+from qcflow.lit.callbacks import EpsilonSchedule
+from qcflow.lit.uncertainty import PairedPatchDataModule, UncertaintySeg, sources_for
+from qcflow.tasks.common import build_trainer, seed_all, trainer_metrics
+from qcflow.utils.stages import load_stage, task_checkpoint, teacher_checkpoints
+
+__all__ = ["run", "build_sampler", "build_module"]
+
+log = logging.getLogger(__name__)
+
+
+def build_sampler(cfg: DictConfig, kinds: list[str]) -> Any:
+    """A ``RandomArtifacts`` with only ``kinds`` enabled (ranges from ``cfg.augment``)."""
+    if not kinds:
+        return None
+    if cfg.get("augment") is None:
+        raise ConfigError("method B needs an 'augment' config group (e.g. augment=all)")
+    aug = OmegaConf.to_container(cfg.augment, resolve=True)
+    assert isinstance(aug, dict)
+    ucfg = cfg.uncertainty
+    for kind in ("spike", "noise", "blur", "wrap", "motion", "bias"):
+        if kind not in kinds:
+            aug[kind] = None
+        elif not aug.get(kind):
+            raise ConfigError(f"augment.{kind}: no ranges configured for artifact kind '{kind}'")
+        else:
+            aug[kind]["p"] = float(ucfg.kind_p)
+    aug["rate"] = float(ucfg.artifact_rate)
+    aug["device"] = "loader"
+    aug["spacing"] = [float(cfg.data.spacing)] * 3
+    return instantiate(aug)
+
+
+def build_module(cfg: DictConfig) -> UncertaintySeg:
+    """The module for ``cfg.uncertainty.role`` with its frozen earlier stages loaded."""
+    ucfg = cfg.uncertainty
+    role = str(ucfg.role)
+    kinds = [str(k) for k in ucfg.kinds] if role != "task" else []
+    task_net, teachers = None, None
+    if role in ("teacher", "student"):
+        path = task_checkpoint(
+            cfg, ucfg.get("task_ckpt"), str(ucfg.get("task_experiment", "uncertainty_task"))
+        )
+        log.info("frozen task network: %s", path)
+        task_net = load_stage(path).net
+    if role == "student":
+        paths = teacher_checkpoints(
+            cfg, kinds, ucfg.get("teacher_ckpts"), str(ucfg.teacher_experiment)
+        )
+        teachers = {}
+        for kind, path in paths.items():
+            stage = load_stage(path)
+            if stage.sources != sources_for("teacher", [kind]):
+                raise ConfigError(f"{path}: not a '{kind}' teacher (sources {stage.sources})")
+            teachers[kind] = stage.net
+            log.info("frozen %s teacher: %s", kind, path)
+    return UncertaintySeg(
+        role=role,
+        kinds=kinds,
+        net=OmegaConf.to_container(cfg.model, resolve=True),  # type: ignore[arg-type]
+        lr=float(ucfg.lr),
+        eps=float(ucfg.eps),
+        consistency_weight=float(ucfg.consistency_weight),
+        ssim_weight=float(ucfg.ssim_weight),
+        task_net=task_net,
+        teacher_nets=teachers,
+    )
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Fit one stage; returns the trainer's last metrics, role, kinds and checkpoint path."""
+    seed_all(cfg)
+    ucfg = cfg.uncertainty
+    module = build_module(cfg)
+    sampler = build_sampler(cfg, module.kinds)
+    datamodule = PairedPatchDataModule(cfg.data, sampler=sampler)
+    schedule = EpsilonSchedule(**OmegaConf.to_container(ucfg.schedule, resolve=True))  # type: ignore[arg-type]
+    trainer = build_trainer(cfg, callbacks=[schedule])
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    out: dict[str, Any] = {
+        "role": module.role,
+        "kinds": module.kinds,
+        "sources": module.sources,
+        "artifact": cfg.get("artifact"),
+        "eps": module.eps,
+        "n_eps_halvings": schedule.n_halvings,
+        "lr": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None,
+        "global_step": int(trainer.global_step),
+        "fit_seconds": round(time.perf_counter() - t0, 2),
+        "checkpoint": str(cfg.paths.output_dir) + "/checkpoints/last.ckpt",
+    }
+    out.update(trainer_metrics(trainer))
+    return out

@@ -1,0 +1,120 @@
+"""Method B module: output shapes per role, frozen stages, the epsilon schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qcflow.lit.callbacks import EpsilonSchedule
+from qcflow.lit.uncertainty import UncertaintySeg, sources_for
+from qcflow.models.unet import TwoHeadUNet
+
+TINY = {"filters": [4, 8, 16], "deep_supervision": False}
+KINDS = ["spike", "noise", "blur", "wrap", "motion"]
+
+
+def _batch(b: int = 2, p: int = 8) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(b, 1, p, p, p, generator=g)
+    return {
+        "image": image,
+        "image_clean": (image * 0.9).clamp(0, 1),
+        "label": (torch.rand(b, 1, p, p, p, generator=g) > 0.5).to(torch.uint8),
+    }
+
+
+def _task_net() -> TwoHeadUNet:
+    return TwoHeadUNet(num_sources=1, **TINY)
+
+
+def _teacher_net() -> TwoHeadUNet:
+    return TwoHeadUNet(num_sources=2, **TINY)
+
+
+@pytest.mark.parametrize(
+    ("role", "kinds", "k"), [("task", [], 1), ("teacher", ["noise"], 2), ("student", KINDS, 6)]
+)
+def test_output_shapes_per_role(role: str, kinds: list[str], k: int) -> None:
+    teachers = {kind: _teacher_net() for kind in kinds} if role == "student" else None
+    m = UncertaintySeg(role, kinds, net=TINY, task_net=_task_net(), teacher_nets=teachers)
+    logits, log_var = m(torch.rand(2, 1, 8, 8, 8))
+    assert logits.shape == (2, 2, 8, 8, 8)
+    assert log_var.shape == (2, k, 8, 8, 8)
+    assert m.sources == sources_for(role, kinds)
+    losses = m.compute_loss(_batch())
+    assert torch.isfinite(losses["loss"])
+    assert ("consistency" in losses) == (role != "task")
+
+
+def test_deep_supervision_outputs_train_and_eval() -> None:
+    net = TwoHeadUNet(num_sources=2, filters=[4, 8, 16], deep_supervision=True, deep_supr_num=1)
+    net.train()
+    outs = net.forward_all(torch.rand(1, 1, 8, 8, 8))
+    assert len(outs) == 2 and all(o[1].shape == (1, 2, 8, 8, 8) for o in outs)
+    net.eval()
+    assert len(net.forward_all(torch.rand(1, 1, 8, 8, 8))) == 1
+
+
+def test_bad_roles_and_missing_frozen_stages() -> None:
+    with pytest.raises(ValueError, match="role"):
+        UncertaintySeg("boss", [], net=TINY)
+    with pytest.raises(ValueError, match="exactly one"):
+        UncertaintySeg("teacher", ["noise", "blur"], net=TINY)
+    m = UncertaintySeg("student", ["noise"], net=TINY, task_net=_task_net())
+    assert m.missing_frozen() == ["noise"]
+    with pytest.raises(ValueError, match="frozen"):
+        m.on_fit_start()
+
+
+def test_frozen_stages_stay_frozen_after_a_step() -> None:
+    kinds = ["noise", "blur"]
+    task, teachers = _task_net(), {k: _teacher_net() for k in kinds}
+    m = UncertaintySeg("student", kinds, net=TINY, task_net=task, teacher_nets=teachers, lr=1e-2)
+    m.train()
+    assert all(not mod.training for mod in m.frozen.values())
+    before = {k: v.clone() for k, v in m.frozen.state_dict().items()}
+    own_before = {k: v.clone() for k, v in m.net.state_dict().items()}
+    opt = m.configure_optimizers()
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {
+        id(p) for p in m.net.parameters()
+    }
+    loss = m.compute_loss(_batch())["loss"]
+    opt.zero_grad()
+    loss.backward()
+    assert all(p.grad is None for p in m.frozen.parameters())
+    assert all(not p.requires_grad for p in m.frozen.parameters())
+    opt.step()
+    after = m.frozen.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(own_before[k], v) for k, v in m.net.state_dict().items())
+    # frozen stages are not written into the checkpoint
+    ckpt = {"state_dict": m.state_dict()}
+    m.on_save_checkpoint(ckpt)
+    assert not any(k.startswith("frozen.") for k in ckpt["state_dict"])
+
+
+class _Opt:
+    def __init__(self, lr: float) -> None:
+        self.param_groups = [{"lr": lr}]
+
+
+class _Mod:
+    eps = 0.05
+
+
+def test_epsilon_schedule_halves_eps_and_lr_together_and_stops_at_floor() -> None:
+    cb = EpsilonSchedule(patience=2, min_delta=0.0, factor=0.5, floor=1e-3)
+    mod, opt = _Mod(), _Opt(1e-4)
+    assert not cb.update(1.0, mod, [opt])  # first value: an improvement
+    assert not cb.update(0.5, mod, [opt])  # improvement
+    assert not cb.update(0.5, mod, [opt])  # 1 epoch without improvement
+    assert cb.update(0.6, mod, [opt])  # 2: plateau -> halve
+    assert mod.eps == pytest.approx(0.025) and opt.param_groups[0]["lr"] == pytest.approx(5e-5)
+    halvings = 1
+    for _ in range(40):  # a flat loss: halve every `patience` epochs until eps < floor
+        halvings += cb.update(1.0, mod, [opt])
+    # 0.05 -> 0.025 -> ... -> 7.8e-4 (< 1e-3): six halvings, then nothing
+    assert halvings == 6
+    assert mod.eps == pytest.approx(0.05 / 2**6)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 / 2**6)
+    assert not any(cb.update(1.0, mod, [opt]) for _ in range(5))

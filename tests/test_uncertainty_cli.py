@@ -1,0 +1,125 @@
+"""Method B experiments: fast_dev_run of each (composed real configs), and the CLI chain
+task -> teachers (multirun) -> student -> evaluate in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from qcflow.lit.uncertainty import UncertaintySeg
+from qcflow.utils.stages import latest_teacher_run
+from tests.conftest import SMALL_EMBEDDED
+from tests.helpers import compose_cfg, run_cli
+
+TINY = [
+    "data.spacing=4",
+    *[f"data.embedded.{k}={v}" for k, v in SMALL_EMBEDDED.items()],
+    "data.patch_size=[16,16,16]",
+    "data.samples_per_volume=2",
+    "data.queue_length=4",
+    "data.batch_size=2",
+    "model.filters=[4,8,16]",
+]
+
+
+def _save_stage(path: Path, role: str, kinds: list[str]) -> Path:
+    """A checkpoint of an untrained stage, as Lightning writes it (without a Trainer)."""
+    m = UncertaintySeg(role, kinds, net={"filters": [4, 8, 16]})
+    ckpt = {
+        "state_dict": m.state_dict(),
+        "hyper_parameters": dict(m.hparams),
+        "pytorch-lightning_version": pl.__version__,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stage_ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("stages")
+    out = {"task": _save_stage(root / "task.ckpt", "task", [])}
+    for kind in ("noise", "blur"):
+        out[kind] = _save_stage(root / f"{kind}.ckpt", "teacher", [kind])
+    out["student"] = _save_stage(root / "student.ckpt", "student", ["noise", "blur"])
+    return out
+
+
+@pytest.mark.parametrize(
+    "experiment",
+    ["uncertainty_task", "uncertainty_teacher", "uncertainty_student", "uncertainty_evaluate"],
+)
+def test_fast_dev_run(
+    experiment: str, small_embedded: Path, stage_ckpts: dict[str, Path], tmp_path: Path
+) -> None:
+    extra = {
+        "uncertainty_task": [],
+        "uncertainty_teacher": ["artifact=noise", f"uncertainty.task_ckpt={stage_ckpts['task']}"],
+        "uncertainty_student": [
+            "uncertainty.kinds=[noise,blur]",
+            f"uncertainty.task_ckpt={stage_ckpts['task']}",
+            f"+uncertainty.teacher_ckpts.noise={stage_ckpts['noise']}",
+            f"+uncertainty.teacher_ckpts.blur={stage_ckpts['blur']}",
+        ],
+        "uncertainty_evaluate": [
+            f"evaluate.student_ckpt={stage_ckpts['student']}",
+            "evaluate.max_scans=1",
+            "evaluate.kinds=[noise]",
+            "evaluate.figures=false",
+        ],
+    }[experiment]
+    cfg = compose_cfg([f"experiment={experiment}", "debug=fast", *TINY, *extra], tmp_path)
+    from importlib import import_module
+
+    results = import_module(f"qcflow.tasks.{cfg.task}").run(cfg)
+    if experiment == "uncertainty_evaluate":
+        assert results["n_images"] == 2  # one clean scan + its noise copy
+        assert set(results["decoupling"]["columns"]) == {"task", "noise", "blur"}
+        assert (tmp_path / "scans.tsv").is_file()
+        assert list((tmp_path / "maps").glob("*_var-noise.nii.gz"))
+    else:
+        role = experiment.removeprefix("uncertainty_")
+        assert results["role"] == role and results["global_step"] == 1
+
+
+def test_chain_task_teachers_student_evaluate(small_embedded: Path, tmp_path: Path) -> None:
+    runs = Path(os.environ["QCFLOW_HOME"]) / "runs"
+    short = [
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        *TINY,
+    ]
+
+    def cli(*args: str) -> None:
+        res = run_cli(*args, *short, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    cli("experiment=uncertainty_task", f"hydra.run.dir={runs}/uncertainty_task/chain")
+    cli("-m", "experiment=uncertainty_teacher", "artifact=noise,blur")
+    for kind in ("noise", "blur"):  # the latest teacher per kind, found via metrics.json
+        assert latest_teacher_run(runs, "uncertainty_teacher", kind).is_dir()
+    cli(
+        "experiment=uncertainty_student",
+        "uncertainty.kinds=[noise,blur]",
+        f"hydra.run.dir={runs}/uncertainty_student/chain",
+    )
+    cli(
+        "experiment=uncertainty_evaluate",
+        "evaluate.max_scans=1",
+        f"hydra.run.dir={runs}/uncertainty_evaluate/chain",
+    )
+    metrics = json.loads((runs / "uncertainty_evaluate" / "chain" / "metrics.json").read_text())
+    assert metrics["sources"] == ["task", "noise", "blur"]
+    assert metrics["n_images"] == 3
+    for key in ("spearman_artifact_variance_dice", "spearman_snr_dice", "spearman_cnr_dice"):
+        assert key in metrics and f"{key}_p" in metrics
+    assert (runs / "uncertainty_evaluate" / "chain" / "figures" / "dice_vs_measures.png").is_file()
+    student = json.loads((runs / "uncertainty_student" / "chain" / "metrics.json").read_text())
+    assert student["role"] == "student" and student["global_step"] == 2
