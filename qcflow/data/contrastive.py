@@ -1,0 +1,260 @@
+"""Contrastive slice triplets for the artifact encoder (Zuo et al. 2023, method A).
+
+One item per (volume, query draw)::
+
+    query     x*   an axial central slice                                   (1, S, S)
+    positive  x+   a central slice of *another orientation of the same volume*
+                   (coronal or sagittal): same artifact level, other anatomy  (1, S, S)
+    corrupted      K copies of x* corrupted by the k-space library         (K, 1, S, S)
+    index          the volume's index (negatives = every slice of *other* volumes in the
+                   batch, gathered across ranks by the LightningModule)
+
+Corruption runs per slice: the sampler (``conf/augment/paper_contrastive.yaml``: noise and/or
+motion) draws explicit parameters and :func:`qcflow.kspace.apply_artifacts` applies them to the
+slice laid out as a one-voxel-thick volume ``(1, h, w, 1)``. A slice has no neighbours to move
+in from, so the out-of-plane parts of a rigid motion (rotations about the two in-plane axes,
+translation through the plane) are dropped and a phase-encode axis through the plane is
+redrawn in-plane (:func:`corrupt_slice`); 2-D corruption costs ~10 ms against ~0.4 s for a
+3-D motion of the whole 2 mm volume, which is what makes the CPU main job fit in minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from qcflow.data.datamodule import ScanDataModule
+from qcflow.data.datasets import (
+    ORIENTATIONS,
+    VolumeDataset,
+    central_indices,
+    extract_slice,
+    fit_square,
+)
+from qcflow.kspace import RandomArtifacts, apply_artifacts
+
+__all__ = [
+    "corrupt_slice",
+    "axial_stack",
+    "ContrastiveSliceDataset",
+    "ContrastiveDataModule",
+    "KIND_CODES",
+    "kind_code",
+]
+
+log = logging.getLogger(__name__)
+
+#: codes of the corruption a negative got (for the validation scatter): 0 clean query
+KIND_CODES: dict[str, int] = {"clean": 0, "noise": 1, "motion": 2, "motion+noise": 3, "other": 4}
+
+
+def kind_code(kinds: Sequence[str]) -> int:
+    """Record kinds -> :data:`KIND_CODES` value."""
+    key = "+".join(sorted(kinds)) if kinds else "clean"
+    return KIND_CODES.get(key, KIND_CODES["other"])
+
+
+def corrupt_slice(
+    sampler: RandomArtifacts,
+    image: Tensor,
+    generator: torch.Generator | None = None,
+    spacing: Sequence[float] = (1.0, 1.0),
+) -> tuple[Tensor, dict[str, Any]]:
+    """Corrupt one 2-D slice with a 3-D artifact sampler.
+
+    Args:
+        sampler: draws the artifact parameters (its ``rate``/``p``/ranges apply).
+        image: ``(C, h, w)`` slice in [0, 1].
+        generator: CPU generator for the draws.
+        spacing: in-plane voxel size (mm).
+
+    Returns:
+        ``(C, h, w)`` corrupted slice clipped to [0, 1] (not min-max rescaled), and its record.
+    """
+    g = sampler._generator(generator)
+    params = sampler.sample(g)
+    if params.motion is not None:  # keep the in-plane part of the rigid motion only
+        mo = params.motion
+        degrees = tuple((0.0, 0.0, d[2]) for d in mo.degrees)
+        translation = tuple((t[0], t[1], 0.0) for t in mo.translation)
+        pe = mo.pe_axis if mo.pe_axis in (0, 1) else int(torch.randint(0, 2, (1,), generator=g))
+        motion = dataclasses.replace(mo, degrees=degrees, translation=translation, pe_axis=pe)
+        params = dataclasses.replace(params, motion=motion)
+    vol = image.unsqueeze(-1)  # (C, h, w, 1)
+    y = apply_artifacts(
+        vol,
+        params,
+        spacing=(float(spacing[0]), float(spacing[1]), 1.0),
+        pad_to_smooth=sampler.pad_to_smooth,
+        rescale=False,
+        strategy=sampler.strategy,
+    )
+    # no per-slice min-max rescale: the clean query keeps its volume-level [0, 1] scale, so a
+    # rescale would hand the encoder a trivial brightness cue; clip like preprocessing does
+    return y[..., 0].clamp(0.0, 1.0), params.to_record()
+
+
+def axial_stack(volume: Tensor, n_central: int | None, size: int) -> Tensor:
+    """The ``n_central`` central axial slices of ``(1, D, H, W)`` -> ``(n, 1, size, size)``."""
+    axis = ORIENTATIONS["axial"]
+    idx = central_indices(volume.shape[axis + 1], n_central)
+    return torch.stack([fit_square(extract_slice(volume, "axial", i), size) for i in idx])
+
+
+class ContrastiveSliceDataset(Dataset):
+    """Query/positive/corrupted-copies items over a :class:`VolumeDataset`.
+
+    Args:
+        volumes: preprocessed volumes.
+        size: square slice side (``data.slice_size``).
+        n_central: central slices per orientation that queries and positives come from.
+        queries_per_volume: items per volume per epoch (each draws its own axial slice).
+        corrupt: sampler for the corrupted copies (``None``: no corrupted negatives).
+        n_corrupt: corrupted copies of each query (K).
+        positive_orientations: orientations a positive may come from (not the query's).
+        deterministic: draw slice indices and corruptions from a generator seeded by
+            ``(seed, item)`` (validation) instead of the global RNG (training).
+        seed: seed for ``deterministic``.
+        spacing: in-plane voxel size (mm) for motion translations.
+
+    Items: ``{"query": (1, S, S), "positive": (1, S, S), "corrupted": (K, 1, S, S),
+    "index": int, "query_slice": int, "positive_orientation": int (into ORIENTATIONS order
+    sagittal=0, coronal=1, axial=2), "positive_slice": int, "corrupt_kind": (K,) int}``.
+    """
+
+    def __init__(
+        self,
+        volumes: VolumeDataset,
+        size: int = 128,
+        n_central: int | None = 20,
+        queries_per_volume: int = 4,
+        corrupt: RandomArtifacts | None = None,
+        n_corrupt: int = 1,
+        positive_orientations: Sequence[str] = ("coronal", "sagittal"),
+        deterministic: bool = False,
+        seed: int = 0,
+        spacing: float = 2.0,
+    ) -> None:
+        bad = set(positive_orientations) - {"coronal", "sagittal"}
+        if bad or not positive_orientations:
+            raise ValueError(
+                "positive_orientations must be among coronal, sagittal, got "
+                f"{list(positive_orientations)}"
+            )
+        if corrupt is None and n_corrupt:
+            n_corrupt = 0
+        self.volumes = volumes
+        self.size = int(size)
+        self.n_central = n_central
+        self.queries_per_volume = int(queries_per_volume)
+        self.corrupt = corrupt
+        self.n_corrupt = int(n_corrupt)
+        self.positive_orientations = list(positive_orientations)
+        self.deterministic = deterministic
+        self.seed = int(seed)
+        self.spacing = float(spacing)
+
+    def __len__(self) -> int:
+        return len(self.volumes) * self.queries_per_volume
+
+    def _generator(self, idx: int) -> torch.Generator:
+        if self.deterministic:
+            return torch.Generator().manual_seed(self.seed * 1_000_003 + idx)
+        return torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        i = idx // self.queries_per_volume
+        g = self._generator(idx)
+        vol = self.volumes.volume(i)["image"]  # (1, D, H, W)
+        shape = vol.shape[1:]
+
+        def pick(orientation: str) -> int:
+            options = central_indices(shape[ORIENTATIONS[orientation]], self.n_central)
+            return options[int(torch.randint(0, len(options), (1,), generator=g))]
+
+        q_slice = pick("axial")
+        p_name = self.positive_orientations[
+            int(torch.randint(0, len(self.positive_orientations), (1,), generator=g))
+        ]
+        p_slice = pick(p_name)
+        query = fit_square(extract_slice(vol, "axial", q_slice), self.size)
+        positive = fit_square(extract_slice(vol, p_name, p_slice), self.size)
+        corrupted, kinds = [], []
+        raw = extract_slice(vol, "axial", q_slice)  # corrupt at native resolution, then fit
+        for _ in range(self.n_corrupt):
+            y, record = corrupt_slice(self.corrupt, raw, g, (self.spacing, self.spacing))
+            corrupted.append(fit_square(y, self.size))
+            kinds.append(kind_code(record.get("kinds", [])))
+        return {
+            "query": query,
+            "positive": positive,
+            "corrupted": torch.stack(corrupted) if corrupted else query.new_zeros(0, *query.shape),
+            "index": i,
+            "query_slice": q_slice,
+            "positive_orientation": ORIENTATIONS[p_name],
+            "positive_slice": p_slice,
+            "corrupt_kind": torch.tensor(kinds, dtype=torch.long),
+        }
+
+
+class ContrastiveDataModule(ScanDataModule):
+    """Discovery -> preprocessing (bad scans skipped) -> subject split -> contrastive items.
+
+    Args:
+        data_cfg: the ``data`` config group (``slice_size``, ``n_central_slices``,
+            ``batch_size``, ``num_workers``, ``spacing``, ...).
+        corrupt: sampler of the corrupted negatives (``hydra.utils.instantiate(cfg.augment)``).
+        queries_per_volume: training items per volume per epoch.
+        n_corrupt: corrupted copies per query.
+        val_queries_per_volume: validation items per volume (fixed draws).
+        scans: use these scans instead of discovering them.
+    """
+
+    def __init__(
+        self,
+        data_cfg: Any,
+        corrupt: RandomArtifacts | None,
+        queries_per_volume: int = 4,
+        n_corrupt: int = 1,
+        val_queries_per_volume: int = 2,
+        scans: Sequence[Any] | None = None,
+    ) -> None:
+        super().__init__(data_cfg, with_label=False, scans=scans)
+        if corrupt is not None and corrupt.rate < 1.0:
+            # an uncorrupted "corrupted copy" equals its query: a negative identical to x*
+            log.warning("augment.rate=%s < 1: some corrupted negatives stay clean", corrupt.rate)
+        self.corrupt = corrupt
+        self.queries_per_volume = int(queries_per_volume)
+        self.n_corrupt = int(n_corrupt)
+        self.val_queries_per_volume = int(val_queries_per_volume)
+
+    def _dataset(self, scans: Sequence[Any], train: bool) -> ContrastiveSliceDataset:
+        spacing = self.cfg.get("spacing", 2.0)
+        spacing = float(spacing[0] if isinstance(spacing, Sequence) else spacing)
+        return ContrastiveSliceDataset(
+            self._volumes(scans),
+            size=int(self.cfg.get("slice_size", 128)),
+            n_central=self.cfg.get("n_central_slices", 20),
+            queries_per_volume=self.queries_per_volume if train else self.val_queries_per_volume,
+            corrupt=self.corrupt,
+            n_corrupt=self.n_corrupt,
+            deterministic=not train,
+            seed=int(self.cfg.get("seed", 0)),
+            spacing=spacing,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        # drop_last keeps every batch large enough to hold negatives from other volumes
+        n = len(self.train_scans) * self.queries_per_volume
+        drop = n > int(self.cfg.get("batch_size", 8))
+        return self._loader(self._dataset(self.train_scans, True), shuffle=True, drop_last=drop)
+
+    def val_dataloader(self) -> DataLoader:
+        scans = self.val_scans or self.train_scans[:2]
+        return self._loader(self._dataset(scans, False), shuffle=False)

@@ -1,0 +1,75 @@
+"""Task ``encoder_contrastive``: train the contrastive artifact encoder (method A, step 1).
+
+Wiring only: the embedded/user data (bad scans skipped with their reason) ->
+:class:`~qcflow.data.contrastive.ContrastiveDataModule` with the k-space sampler of
+``cfg.augment`` for the corrupted negatives -> :class:`~qcflow.lit.contrastive.ContrastiveEncoder`
+from ``cfg.model`` -> ``Trainer.fit``. The checkpoint lands in ``<run>/checkpoints/last.ckpt``,
+where ``flow_density`` finds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from qcflow.data.contrastive import ContrastiveDataModule
+from qcflow.tasks.common import build_trainer, seed_all, trainer_metrics
+
+__all__ = ["run", "set_threads", "skipped_report"]
+
+log = logging.getLogger(__name__)
+
+
+def set_threads(cfg: DictConfig) -> None:
+    """``torch.set_num_threads(cfg.threads)`` when set (PITFALLS.md: fewer is safer on CPUs)."""
+    threads = cfg.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def skipped_report(dm: Any) -> list[dict[str, str]]:
+    """The scans a data module skipped, as ``[{"scan": path, "reason": ...}]``."""
+    return [{"scan": str(scan.path), "reason": reason} for scan, reason in dm.errors]
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train the encoder; returns final losses, sizes, timing and skipped scans."""
+    t0 = time.perf_counter()
+    seed_all(cfg)
+    set_threads(cfg)
+    out = Path(cfg.paths.output_dir)
+    sampler = instantiate(cfg.augment) if cfg.get("augment") else None
+    ccfg = cfg.get("contrastive") or {}
+    dm = ContrastiveDataModule(
+        cfg.data,
+        corrupt=sampler,
+        queries_per_volume=int(ccfg.get("queries_per_volume", 4)),
+        n_corrupt=int(ccfg.get("n_corrupt", 1)),
+        val_queries_per_volume=int(ccfg.get("val_queries_per_volume", 2)),
+    )
+    dm.prepare()
+    t_data = time.perf_counter() - t0
+    model = instantiate(cfg.model, figure_dir=str(out / "figures"), _convert_="all")
+    trainer = build_trainer(cfg)
+    trainer.fit(model, datamodule=dm)
+    results: dict[str, Any] = trainer_metrics(trainer)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    results.update(
+        {
+            "n_train_volumes": len(dm.train_scans),
+            "n_val_volumes": len(dm.val_scans),
+            "skipped": skipped_report(dm),
+            "data_seconds": round(t_data, 1),
+            "total_seconds": round(time.perf_counter() - t0, 1),
+            "torch_threads": torch.get_num_threads(),
+            "checkpoint": str(ckpt) if ckpt.is_file() else None,
+        }
+    )
+    log.info("encoder trained in %.1f s (%s)", results["total_seconds"], results.get("val/loss"))
+    return results

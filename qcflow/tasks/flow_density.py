@@ -1,0 +1,149 @@
+"""Task ``flow_density``: embed the training volumes and fit the RealNVP density (method A).
+
+The encoder comes from ``flow.encoder_ckpt`` (a checkpoint or run folder) or the latest
+``encoder_contrastive`` run. Every usable scan of the data (default: the embedded ``train``
+split, unlabelled) is represented by the mean code of its central axial slices; the flow is
+fitted on the standardised codes and the τ thresholds are set on the same codes. Outputs in
+the run folder: ``flow.pt`` (flow state with standardisation and thresholds, its config, the
+encoder checkpoint used, the slicing settings) and ``codes_train.tsv``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from qcflow.data.contrastive import axial_stack
+from qcflow.data.datamodule import VolumeDataModule
+from qcflow.data.datasets import VolumeDataset
+from qcflow.lit.contrastive import ContrastiveEncoder
+from qcflow.models.encoder import volume_code
+from qcflow.models.flow import DensityFlow, fit_flow, tau_key
+from qcflow.tasks.common import resolve_checkpoint, seed_all
+from qcflow.tasks.encoder_contrastive import set_threads, skipped_report
+
+__all__ = ["run", "load_encoder", "embed_volumes", "load_flow", "write_codes"]
+
+log = logging.getLogger(__name__)
+
+FLOW_FILE = "flow.pt"
+
+
+def load_encoder(ckpt: str | Path) -> torch.nn.Module:
+    """The encoder network of a ``ContrastiveEncoder`` checkpoint, on CPU, in eval mode."""
+    module = ContrastiveEncoder.load_from_checkpoint(str(ckpt), map_location="cpu")
+    return module.encoder.eval()
+
+
+@torch.no_grad()
+def embed_volumes(
+    encoder: torch.nn.Module,
+    volumes: VolumeDataset,
+    n_central: int | None,
+    size: int,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """``(N, d)`` volume codes: mean code of each volume's central axial slices."""
+    codes = []
+    for i in range(len(volumes)):
+        slices = axial_stack(volumes.volume(i)["image"], n_central, size)
+        codes.append(volume_code(encoder, slices, batch_size))
+    return torch.stack(codes).numpy() if codes else np.zeros((0, 0), np.float32)
+
+
+def write_codes(path: Path, ids: Sequence[str], codes: np.ndarray, logp: np.ndarray) -> None:
+    """TSV: scan_id, m1..md, log_prob."""
+    d = codes.shape[1]
+    lines = ["\t".join(["scan_id", *[f"m{j + 1}" for j in range(d)], "log_prob"])]
+    for sid, c, lp in zip(ids, codes, logp, strict=True):
+        lines.append("\t".join([sid, *[f"{v:.6g}" for v in c], f"{lp:.6g}"]))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def load_flow(run_dir: str | Path) -> tuple[DensityFlow, dict[str, Any]]:
+    """The fitted :class:`DensityFlow` of a ``flow_density`` run and its saved bundle."""
+    bundle = torch.load(Path(run_dir) / FLOW_FILE, map_location="cpu", weights_only=False)
+    density = DensityFlow(**bundle["flow_config"])
+    density.load_state_dict(bundle["state_dict"])
+    return density.eval(), bundle
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Fit the flow; returns NLL, thresholds, sizes and the skipped scans."""
+    t0 = time.perf_counter()
+    seed = seed_all(cfg)
+    set_threads(cfg)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fcfg = cfg.get("flow") or {}
+    ckpt = resolve_checkpoint(
+        cfg, fcfg.get("encoder_ckpt"), str(fcfg.get("encoder_experiment", "encoder_contrastive"))
+    )
+    encoder = load_encoder(ckpt)
+    dm = VolumeDataModule(cfg.data)
+    dm.prepare()
+    volumes = dm._volumes(dm.scans)  # every usable scan: the unlabelled training volumes
+    n_central = cfg.data.get("n_central_slices", 20)
+    size = int(cfg.data.get("slice_size", 128))
+    codes = embed_volumes(encoder, volumes, n_central, size, int(fcfg.get("batch_size", 64)))
+    m = torch.as_tensor(codes, dtype=torch.float32)
+
+    mcfg = cfg.model
+    flow_config = {
+        "features": int(m.shape[1]),
+        "transforms": int(mcfg.get("transforms", 6)),
+        "hidden_features": [int(h) for h in mcfg.get("hidden_features", [64, 64])],
+        "taus": [float(t) for t in mcfg.get("taus", [0.05, 0.03])],
+    }
+    if int(mcfg.get("features", m.shape[1])) != m.shape[1]:
+        log.warning(
+            "model.features=%s but the encoder gives d=%d; using d", mcfg.features, m.shape[1]
+        )
+    density = DensityFlow(**flow_config)
+    fast = bool(cfg.get("trainer", {}).get("fast_dev_run", False))  # debug=fast: one epoch
+    fit = fit_flow(
+        density,
+        m,
+        epochs=1 if fast else int(mcfg.get("epochs", 300)),
+        lr=float(mcfg.get("lr", 1e-3)),
+        batch_size=int(mcfg.get("batch_size", 256)),
+        weight_decay=float(mcfg.get("weight_decay", 0.0)),
+        val_fraction=float(mcfg.get("val_fraction", 0.0)),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    thresholds = density.set_thresholds(m)
+    with torch.no_grad():
+        logp = density.log_prob(m).double().numpy()
+    ids = [s.scan_id for s in dm.scans]
+    write_codes(out / "codes_train.tsv", ids, codes, logp)
+    torch.save(
+        {
+            "state_dict": density.state_dict(),
+            "flow_config": flow_config,
+            "encoder_checkpoint": str(ckpt),
+            "n_central_slices": n_central,
+            "slice_size": size,
+            "data": OmegaConf.to_container(cfg.data, resolve=True),
+        },
+        out / FLOW_FILE,
+    )
+    results: dict[str, Any] = {
+        "train/nll": fit["nll"],
+        "val/nll": fit["val_nll"],
+        "best_epoch": fit["best_epoch"],
+        "n_volumes": len(ids),
+        "encoder_checkpoint": str(ckpt),
+        "skipped": skipped_report(dm),
+        "total_seconds": round(time.perf_counter() - t0, 1),
+    }
+    for tau, thr in zip(flow_config["taus"], thresholds.tolist(), strict=True):
+        results[f"threshold_{tau_key(tau)}"] = thr
+        results[f"train_flagged_{tau_key(tau)}"] = float((logp < thr).mean())
+    return results

@@ -1,0 +1,221 @@
+"""Task ``iqc_evaluate``: unsupervised pass/fail of method A on held-out sets, with baselines.
+
+Loads the latest (or given) ``flow_density`` run -- its flow, thresholds and the encoder
+checkpoint it used --, embeds every scan of the evaluation sets (default: the embedded
+``test_clean`` and ``test_artifact`` splits), and reports against the ground truth
+(``artifacts.tsv`` when the set has one, else the set's ``label``):
+
+* contingency table, sensitivity and specificity at each τ; AUROC of -log p_M(m);
+* detection rate per artifact kind and per severity at each τ; the mean over kinds the
+  encoder's negatives never simulate;
+* classical IQM baselines (:mod:`qcflow.qc.iqm`: SNR, CNR, CJV, EFC, FBER), each thresholded
+  at the same τ percentile of its distribution over the training volumes (one- or two-sided,
+  ``evaluate.baselines``), with their own AUROC;
+* figures (``figures/``): density contours of p_M(m) with test volumes by kind, scatter of
+  z = f(m), ROC curves; and ``scores.tsv`` (one row per test scan).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from qcflow.data.datamodule import VolumeDataModule
+from qcflow.data.discovery import resolve_data_root
+from qcflow.models.flow import tau_key
+from qcflow.qc import detection as det
+from qcflow.tasks.encoder_contrastive import set_threads, skipped_report
+from qcflow.tasks.flow_density import embed_volumes, load_encoder, load_flow
+from qcflow.utils.runs import find_latest_run
+
+__all__ = ["run", "read_artifact_table"]
+
+log = logging.getLogger(__name__)
+
+
+def read_artifact_table(root: str | Path) -> dict[str, dict[str, Any]]:
+    """``artifacts.tsv`` of a dataset root as ``{participant_id: {"kind", "severity"}}``."""
+    path = Path(str(root)) / "artifacts.tsv"
+    if not path.is_file():
+        return {}
+    with path.open() as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return {r["participant_id"]: {"kind": r["kind"], "severity": int(r["severity"])} for r in rows}
+
+
+def _data_cfg(cfg: DictConfig, split: str | None, root: str | None) -> DictConfig:
+    data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
+    with open_dict(data):
+        data.root = root
+        if split:
+            data.split = split
+        data.val_fraction = 0.0
+    return data
+
+
+def _load_set(cfg: DictConfig, split: str | None, root: str | None, label: int) -> dict[str, Any]:
+    data = _data_cfg(cfg, split, root)
+    dm = VolumeDataModule(data)
+    dm.prepare()
+    table = read_artifact_table(resolve_data_root(data))
+    kinds, sev, labels = [], [], []
+    for scan in dm.scans:
+        row = table.get(f"sub-{scan.subject}") if scan.subject else None
+        row = row or table.get(scan.scan_id)
+        kind = row["kind"] if row else ("none" if label == 0 else "unknown")
+        kinds.append(kind)
+        sev.append(row["severity"] if row else (0 if label == 0 else -1))
+        labels.append(0 if kind == "none" else 1)
+    return {"dm": dm, "kinds": kinds, "severity": sev, "labels": labels}
+
+
+def _iqms(volumes: Any) -> dict[str, np.ndarray]:
+    from qcflow.qc.iqm import compute_iqms
+
+    rows = [compute_iqms(volumes.volume(i)["image"][0].numpy()) for i in range(len(volumes))]
+    return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in rows[0]} if rows else {}
+
+
+def _detector_metrics(
+    flags: dict[float, np.ndarray], score: np.ndarray, labels: np.ndarray
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"auroc": det.auroc(score, labels)}
+    for tau, f in flags.items():
+        table = det.contingency(f, labels)
+        sens, spec = det.sensitivity_specificity(table)
+        key = tau_key(tau)
+        out[f"sensitivity_{key}"] = sens
+        out[f"specificity_{key}"] = spec
+        out[f"contingency_{key}"] = table
+    return out
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate; returns the metrics named in the method-A issue (see module docstring)."""
+    t0 = time.perf_counter()
+    set_threads(cfg)
+    out = Path(cfg.paths.output_dir)
+    ecfg = cfg.evaluate
+    flow_run = (
+        Path(str(ecfg.flow_run))
+        if ecfg.get("flow_run")
+        else find_latest_run(
+            cfg.paths.runs_dir, str(ecfg.get("flow_experiment", "flow_density")), require="flow.pt"
+        )
+    )
+    density, bundle = load_flow(flow_run)
+    encoder = load_encoder(bundle["encoder_checkpoint"])
+    n_central, size = bundle["n_central_slices"], int(bundle["slice_size"])
+    taus = [float(t) for t in density.taus.tolist()]
+
+    sets = [
+        _load_set(cfg, s.get("split"), s.get("root"), int(s.get("label", 1))) for s in ecfg.sets
+    ]
+    scans = [scan for s in sets for scan in s["dm"].scans]
+    kinds = [k for s in sets for k in s["kinds"]]
+    severity = [v for s in sets for v in s["severity"]]
+    labels = np.array([v for s in sets for v in s["labels"]], dtype=int)
+    codes = np.concatenate(
+        [embed_volumes(encoder, s["dm"]._volumes(s["dm"].scans), n_central, size) for s in sets]
+    )
+    m = torch.as_tensor(codes, dtype=torch.float32)
+    with torch.no_grad():
+        logp = density.log_prob(m).double().numpy()
+        z = density.to_latent(m).numpy()
+    flags = {tau: logp < density.threshold(tau) for tau in taus}
+    results: dict[str, Any] = _detector_metrics(flags, -logp, labels)
+    simulated = set(ecfg.get("simulated_kinds") or [])
+    for tau, f in flags.items():
+        key = tau_key(tau)
+        per_kind = det.detection_rates(f, kinds)
+        suffix = "" if key == "tau05" else f"_{key}"
+        results[f"detection_rates{suffix}"] = {k: v["rate"] for k, v in per_kind.items()}
+        results[f"detection_by_severity{suffix}"] = {
+            k: v["rate"] for k, v in det.detection_rates(f, severity).items()
+        }
+        unseen = [
+            v["rate"] for k, v in per_kind.items() if k not in simulated | {"none", "unknown"}
+        ]
+        results[f"unseen_kind_detection{suffix}"] = (
+            float(np.mean(unseen)) if unseen else float("nan")
+        )
+    results["n_clean"] = int((labels == 0).sum())
+    results["n_artifact"] = int((labels == 1).sum())
+
+    # ---------------------------------------------------------------- IQM baselines
+    baselines: dict[str, Any] = {}
+    curves = {"p_M(m) flow": (*det.roc(-logp, labels), results["auroc"])}
+    if ecfg.get("baselines"):
+        train = _load_set(cfg, ecfg.get("train_split", "train"), ecfg.get("train_root"), 0)
+        iqm_train = _iqms(train["dm"]._volumes(train["dm"].scans))
+        iqm_test: dict[str, list[np.ndarray]] = {}
+        for s in sets:
+            for k, v in _iqms(s["dm"]._volumes(s["dm"].scans)).items():
+                iqm_test.setdefault(k, []).append(v)
+        for name, side in ecfg.baselines.items():
+            values = np.concatenate(iqm_test[name])
+            bflags = {
+                tau: det.apply_thresholds(
+                    values, det.percentile_thresholds(iqm_train[name], tau, side)
+                )
+                for tau in taus
+            }
+            score = det.anomaly_score(values, iqm_train[name], side)
+            metrics = _detector_metrics(bflags, score, labels)
+            metrics["side"] = side
+            metrics["detection_rates"] = {
+                k: v["rate"] for k, v in det.detection_rates(bflags[taus[0]], kinds).items()
+            }
+            baselines[name] = metrics
+            curves[name] = (*det.roc(score, labels), metrics["auroc"])
+    results["baselines"] = baselines
+    results["auroc_above_all_baselines"] = bool(
+        all(results["auroc"] > b["auroc"] for b in baselines.values())
+    )
+
+    # ---------------------------------------------------------------- outputs
+    lines = ["scan_id\tkind\tseverity\tlabel\tlog_prob\t" + "\t".join(
+        [f"m{j + 1}" for j in range(codes.shape[1])] + [f"fail_{tau_key(t)}" for t in taus]
+    )]  # fmt: skip
+    for i, scan in enumerate(scans):
+        fields = [scan.scan_id, kinds[i], str(severity[i]), str(labels[i]), f"{logp[i]:.6g}"]
+        fields += [f"{v:.6g}" for v in codes[i]] + [str(int(flags[t][i])) for t in taus]
+        lines.append("\t".join(fields))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scores.tsv").write_text("\n".join(lines) + "\n")
+    if ecfg.get("figures", True) and codes.shape[1] == 2:
+        _figures(out / "figures", density, flow_run, codes, z, kinds, curves)
+    results["flow_run"] = str(flow_run)
+    results["skipped"] = [r for s in sets for r in skipped_report(s["dm"])]
+    results["total_seconds"] = round(time.perf_counter() - t0, 1)
+    sens, spec = results.get("sensitivity_tau05"), results.get("specificity_tau05")
+    log.info("AUROC %.3f, sens/spec at 5%%: %s/%s", results["auroc"], sens, spec)
+    return results
+
+
+def _figures(
+    folder: Path, density: Any, flow_run: Path, codes: np.ndarray, z: np.ndarray,
+    kinds: list[str], curves: dict[str, Any],
+) -> None:  # fmt: skip
+    from qcflow.qc import plots
+
+    train = np.loadtxt(flow_run / "codes_train.tsv", skiprows=1, usecols=(1, 2), ndmin=2)
+    m_train = torch.as_tensor(train, dtype=torch.float32)
+    with torch.no_grad():
+        z_train = density.to_latent(m_train).numpy()
+
+    def log_prob(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return density.log_prob(torch.as_tensor(x, dtype=torch.float32)).numpy()
+
+    thr = {f"τ={t:.0%}": density.threshold(t) for t in density.taus.tolist()}
+    plots.density_contours(log_prob, train, codes, kinds, folder / "density_contours.png", thr)
+    plots.latent_scatter(z_train, z, kinds, folder / "latent_z.png")
+    plots.roc_curves(curves, folder / "roc.png")

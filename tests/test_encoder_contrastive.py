@@ -1,0 +1,138 @@
+"""Method A encoder: the paper's loss, the negative pool, the contrastive items."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from qcflow.data.contrastive import ContrastiveSliceDataset, axial_stack, corrupt_slice
+from qcflow.data.datamodule import VolumeDataModule
+from qcflow.data.datasets import ORIENTATIONS, central_indices, fit_square
+from qcflow.kspace import RandomArtifacts
+from qcflow.lit.contrastive import ContrastiveEncoder, build_pool
+from qcflow.models.encoder import ArtifactEncoder, contrastive_loss, volume_code
+from tests.helpers import compose_cfg
+
+TINY = {"init_features": 4, "growth_rate": 2, "block_config": [1, 1], "bn_size": 1}
+
+
+def _hand_loss(q, p, negs) -> float:
+    """-log( e^{q.p} / (e^{q.p} + mean_i e^{q.n_i}) ) with plain Python floats."""
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b, strict=True))  # noqa: E731
+    pos = math.exp(dot(q, p))
+    mean_neg = sum(math.exp(dot(q, n)) for n in negs) / len(negs)
+    return -math.log(pos / (pos + mean_neg))
+
+
+def test_loss_matches_hand_computation() -> None:
+    q = [[0.5, -1.0], [2.0, 0.3]]
+    p = [[0.4, -0.8], [1.0, 1.0]]
+    negs = [[[1.0, 0.0], [0.0, 1.0], [-1.0, 2.0]], [[0.2, 0.2], [3.0, -1.0], [0.0, 0.0]]]
+    got = contrastive_loss(torch.tensor(q), torch.tensor(p), torch.tensor(negs))
+    want = sum(_hand_loss(q[b], p[b], negs[b]) for b in range(2)) / 2
+    assert got.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_loss_mask_keeps_only_listed_negatives_and_extensions_are_off_by_default() -> None:
+    q, p = torch.tensor([[1.0, 0.5]]), torch.tensor([[0.2, 0.1]])
+    pool = torch.tensor([[1.0, 1.0], [9.0, 9.0], [-1.0, 0.0]])
+    mask = torch.tensor([[True, False, True]])
+    got = contrastive_loss(q, p, pool, mask)
+    want = _hand_loss([1.0, 0.5], [0.2, 0.1], [[1.0, 1.0], [-1.0, 0.0]])
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    # temperature 1 and no normalisation is the paper's loss
+    assert contrastive_loss(q, p, pool, mask, temperature=1.0).item() == pytest.approx(want)
+    assert contrastive_loss(q, p, pool, mask, normalize=True).item() != pytest.approx(want)
+    with pytest.raises(ValueError, match="no negative"):
+        contrastive_loss(q, p, pool, torch.zeros(1, 3, dtype=torch.bool))
+
+
+def test_pool_excludes_own_volume_but_keeps_own_corrupted_copies() -> None:
+    b, k, d = 3, 2, 2
+    index = torch.tensor([7, 7, 9])  # items 0 and 1 come from the same volume
+    q, p, c = torch.randn(b, d), torch.randn(b, d), torch.randn(b, k, d)
+    pool, owner, mask = build_pool(q, p, c, index)
+    assert pool.shape == (b * (2 + k), d)
+    assert torch.equal(pool[:b], q) and torch.equal(pool[b : 2 * b], p)
+    assert owner.tolist() == [7, 7, 9, 7, 7, 9, 7, 7, 7, 7, 9, 9]
+    # item 0: other volumes (entries of volume 9) + its own corrupted copies (6, 7)
+    assert mask[0].nonzero().flatten().tolist() == [2, 5, 6, 7, 10, 11]
+    assert mask[1].nonzero().flatten().tolist() == [2, 5, 8, 9, 10, 11]
+    assert mask[2].nonzero().flatten().tolist() == [0, 1, 3, 4, 6, 7, 8, 9, 10, 11]
+    assert not mask[0, 0] and not mask[0, 3]  # never its own query or positive
+
+
+@pytest.fixture(scope="module")
+def volumes(small_embedded: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("vols")
+    cfg = compose_cfg([f"data.root={small_embedded / 'train'}", "data.spacing=4.0"], out)
+    dm = VolumeDataModule(cfg.data)
+    dm.prepare()
+    return dm._volumes(dm.scans[:3])
+
+
+def test_items_positive_same_volume_other_orientation(volumes) -> None:
+    sampler = RandomArtifacts(rate=1.0, noise={"p": 0.5}, motion={"p": 0.5}, seed=0)
+    ds = ContrastiveSliceDataset(
+        volumes, size=32, n_central=6, queries_per_volume=3, corrupt=sampler, n_corrupt=2,
+        deterministic=True,
+    )  # fmt: skip
+    assert len(ds) == 3 * 3
+    for idx in range(len(ds)):
+        item = ds[idx]
+        i = item["index"]
+        assert i == idx // 3  # query and positive both from volume i
+        vol = volumes.volume(i)["image"]
+        assert item["positive_orientation"] in (ORIENTATIONS["coronal"], ORIENTATIONS["sagittal"])
+        axis = item["positive_orientation"]
+        assert item["positive_slice"] in central_indices(vol.shape[axis + 1], 6)
+        assert item["query_slice"] in central_indices(vol.shape[3], 6)
+        # the positive is exactly that slice of the same volume
+        expected = vol.select(axis + 1, item["positive_slice"])
+        torch.testing.assert_close(item["positive"], fit_square(expected, 32))
+        assert item["query"].shape == (1, 32, 32) and item["corrupted"].shape == (2, 1, 32, 32)
+        assert not torch.allclose(item["corrupted"][0], item["query"])
+        assert item["corrupt_kind"].tolist() and all(k in (1, 2, 3) for k in item["corrupt_kind"])
+    # deterministic items repeat
+    assert torch.equal(ds[4]["corrupted"], ds[4]["corrupted"])
+
+
+def test_corrupt_slice_keeps_motion_in_plane() -> None:
+    img = torch.zeros(1, 24, 24)
+    img[:, 6:18, 8:16] = 0.8
+    sampler = RandomArtifacts(rate=1.0, motion={"p": 1.0}, seed=1)
+    y, record = corrupt_slice(sampler, img)
+    assert y.shape == img.shape and float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+    for deg, tra in zip(
+        record["params"]["motion"]["degrees"],
+        record["params"]["motion"]["translation"],
+        strict=True,
+    ):  # noqa: E501
+        assert deg[0] == 0.0 and deg[1] == 0.0 and tra[2] == 0.0
+    assert record["params"]["motion"]["pe_axis"] in (0, 1)
+
+
+def test_encoder_shapes_and_volume_code(volumes) -> None:
+    enc = ArtifactEncoder(latent_dim=2, **TINY).eval()
+    slices = axial_stack(volumes.volume(0)["image"], 5, 32)
+    assert slices.shape == (5, 1, 32, 32)
+    m = volume_code(enc, slices, batch_size=2)
+    assert m.shape == (2,)
+    torch.testing.assert_close(m, enc(slices).mean(0).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_training_step_uses_the_loss(volumes) -> None:
+    sampler = RandomArtifacts(rate=1.0, noise={"p": 1.0}, seed=0)
+    ds = ContrastiveSliceDataset(
+        volumes, size=32, n_central=4, queries_per_volume=2, corrupt=sampler
+    )
+    batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
+    module = ContrastiveEncoder(encoder={"latent_dim": 2, **TINY})
+    loss, mq, mc = module._loss(batch)  # what training_step logs and returns
+    assert mq.shape == (len(ds), 2) and mc.shape == (len(ds), 1, 2)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in module.parameters() if p.requires_grad)

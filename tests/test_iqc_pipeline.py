@@ -1,0 +1,136 @@
+"""Method A experiments: fast_dev_run of each, and train -> flow -> evaluate via the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SMALL_EMBEDDED
+from tests.helpers import compose_cfg, run_cli
+
+#: the small 4 mm embedded data, tiny slices and a tiny DenseNet
+TINY = [
+    *(f"data.embedded.{k}={v}" for k, v in SMALL_EMBEDDED.items()),
+    "data.spacing=4.0",
+    "data.slice_size=32",
+    "data.n_central_slices=4",
+    "data.batch_size=4",
+    "threads=1",
+]
+TINY_ENCODER = [
+    "model.encoder.init_features=4",
+    "model.encoder.growth_rate=2",
+    "model.encoder.block_config=[1,1]",
+    "model.encoder.bn_size=1",
+    "contrastive.queries_per_volume=2",
+    "trainer.enable_progress_bar=false",
+]
+TINY_FLOW = ["model.hidden_features=[8]", "model.epochs=3"]
+
+
+@pytest.fixture(scope="module")
+def encoder_run(small_embedded: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-epoch encoder run (a real checkpoint), in process."""
+    from qcflow.tasks import encoder_contrastive
+
+    out = tmp_path_factory.mktemp("enc")
+    overrides = ["experiment=encoder_contrastive", *TINY, *TINY_ENCODER, "trainer.max_epochs=1"]
+    results = encoder_contrastive.run(compose_cfg(overrides, out))
+    assert Path(results["checkpoint"]).is_file()
+    return out
+
+
+def test_encoder_fast_dev_run(small_embedded: Path, tmp_path: Path) -> None:
+    from qcflow.tasks import encoder_contrastive
+
+    cfg = compose_cfg(
+        ["experiment=encoder_contrastive", *TINY, *TINY_ENCODER, "debug=fast"], tmp_path
+    )
+    assert cfg.model.temperature is None and cfg.model.normalize is False  # paper defaults
+    assert {"motion", "noise"} <= set(cfg.augment)  # paper negatives: noise + motion
+    results = encoder_contrastive.run(cfg)
+    assert math.isfinite(results["train/loss"]) and math.isfinite(results["val/loss"])
+    assert results["n_train_volumes"] + results["n_val_volumes"] == SMALL_EMBEDDED["n_subjects"]
+    assert results["skipped"] == []
+
+
+def test_flow_and_evaluate_fast_dev_run(encoder_run: Path, tmp_path: Path) -> None:
+    from qcflow.tasks import flow_density, iqc_evaluate
+
+    flow_dir = tmp_path / "flow"
+    cfg = compose_cfg(
+        [
+            "experiment=flow_density",
+            *TINY,
+            *TINY_FLOW,
+            "debug=fast",
+            f"flow.encoder_ckpt={encoder_run}",
+        ],
+        flow_dir,
+    )
+    res = flow_density.run(cfg)
+    assert res["n_volumes"] == SMALL_EMBEDDED["n_subjects"]
+    assert res["threshold_tau03"] <= res["threshold_tau05"]
+    assert (flow_dir / "flow.pt").is_file() and (flow_dir / "codes_train.tsv").is_file()
+
+    cfg = compose_cfg(
+        ["experiment=iqc_evaluate", *TINY, "debug=fast", f"evaluate.flow_run={flow_dir}"],
+        tmp_path / "eval",
+    )
+    res = iqc_evaluate.run(cfg)
+    n_art = SMALL_EMBEDDED["n_test_per_kind"] * 10
+    assert res["n_clean"] == SMALL_EMBEDDED["n_test_clean"] and res["n_artifact"] == n_art
+    for key in ("sensitivity_tau05", "specificity_tau05", "sensitivity_tau03", "specificity_tau03"):
+        assert 0.0 <= res[key] <= 1.0
+    table = res["contingency_tau05"]
+    assert table["tp"] + table["fn"] == n_art and table["tn"] + table["fp"] == 2
+    assert set(res["baselines"]) == {"snr", "cnr", "cjv", "efc", "fber"}
+    assert set(res["detection_rates"]) >= {"noise", "motion", "t2_contrast", "none"}
+    assert set(res["detection_by_severity"]) == {"0", "1"}  # n_test_per_kind=1: severity 1
+    for fig in ("density_contours.png", "latent_z.png", "roc.png"):
+        assert (tmp_path / "eval" / "figures" / fig).stat().st_size > 0
+
+
+def test_train_flow_evaluate_cli(small_embedded: Path, tmp_path: Path) -> None:
+    """Three subprocesses; each later stage finds the earlier stage's latest run by name."""
+    runs = tmp_path / "runs"
+    common = [*TINY, f"paths.runs_dir={runs}"]
+
+    def stage(name: str, *extra: str) -> dict:
+        run_dir = runs / name / "2026-01-01_00-00-00_test"
+        res = run_cli(
+            f"experiment={name}", *common, *extra, f"hydra.run.dir={run_dir}", cwd=tmp_path
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.loads((run_dir / "metrics.json").read_text())
+
+    enc = stage("encoder_contrastive", *TINY_ENCODER, "trainer.max_epochs=1")
+    assert Path(enc["checkpoint"]).is_file()
+    flow = stage("flow_density", *TINY_FLOW)
+    assert flow["encoder_checkpoint"] == enc["checkpoint"]
+    ev = stage("iqc_evaluate", "evaluate.figures=false")
+    assert ev["flow_run"] == str(runs / "flow_density" / "2026-01-01_00-00-00_test")
+    assert 0.0 <= ev["auroc"] <= 1.0
+    assert (runs / "iqc_evaluate" / "2026-01-01_00-00-00_test" / "scores.tsv").is_file()
+
+
+def test_encoder_ddp_two_processes_gathers_negatives(small_embedded: Path, tmp_path: Path) -> None:
+    """2-process CPU DDP (gloo) in a subprocess with a clean environment (PITFALLS.md)."""
+    import os
+
+    env_backup = {k: os.environ.pop(k) for k in ("MASTER_PORT", "MASTER_ADDR") if k in os.environ}
+    try:
+        run_dir = tmp_path / "ddp"
+        res = run_cli(
+            "experiment=encoder_contrastive", *TINY, *TINY_ENCODER, "trainer=ddp",
+            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=1",
+            f"hydra.run.dir={run_dir}", cwd=tmp_path,
+        )  # fmt: skip
+    finally:
+        os.environ.update(env_backup)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert math.isfinite(metrics["train/loss"]) and Path(metrics["checkpoint"]).is_file()
