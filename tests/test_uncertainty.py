@@ -118,3 +118,38 @@ def test_epsilon_schedule_halves_eps_and_lr_together_and_stops_at_floor() -> Non
     assert mod.eps == pytest.approx(0.05 / 2**6)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 / 2**6)
     assert not any(cb.update(1.0, mod, [opt]) for _ in range(5))
+
+
+@pytest.mark.parametrize(("role", "kinds"), [("teacher", ["noise"]), ("student", KINDS)])
+def test_init_from_task_copies_segmentation_and_task_variance(role: str, kinds: list[str]) -> None:
+    torch.manual_seed(0)
+    task = _task_net().eval()
+    teachers = {k: _teacher_net() for k in kinds} if role == "student" else None
+    x = torch.rand(2, 1, 8, 8, 8)
+    with torch.no_grad():
+        t_logits, t_log_var = task(x)
+    m = UncertaintySeg(role, kinds, net=TINY, task_net=task, teacher_nets=teachers).eval()
+    with torch.no_grad():
+        logits, log_var = m(x)
+    # the student/teacher segments exactly like the task network right after construction
+    torch.testing.assert_close(logits, t_logits)
+    torch.testing.assert_close(log_var[:, :1], t_log_var)
+    # artifact channels start at a small constant variance exp(init_log_var)
+    torch.testing.assert_close(log_var[:, 1:], torch.full_like(log_var[:, 1:], -2.0))
+    # ... which is what the option changes: from scratch the logits differ
+    scratch = UncertaintySeg(
+        role, kinds, net=TINY, task_net=task, teacher_nets=teachers, init_from_task=False
+    ).eval()
+    with torch.no_grad():
+        assert not torch.allclose(scratch(x)[0], t_logits)
+    # a checkpoint (no frozen stages at load time) keeps its own weights
+    reloaded = UncertaintySeg(role, kinds, net=TINY)
+    reloaded.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(x)[0], logits)
+
+
+def test_init_from_task_rejects_other_architectures() -> None:
+    other = TwoHeadUNet(num_sources=1, filters=[4, 8, 32])
+    with pytest.raises(ValueError, match="architectures differ"):
+        UncertaintySeg("teacher", ["noise"], net=TINY, task_net=other)

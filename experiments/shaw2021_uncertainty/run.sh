@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Shaw et al. 2021 study on the embedded data: task -> 5 teachers -> student -> evaluate.
 # Usage: experiments/shaw2021_uncertainty/run.sh [extra hydra overrides for every stage]
-# Size knobs (environment): EPOCHS (task/teachers), STUDENT_EPOCHS, STEPS (batches per epoch),
-# MAX_SCANS (held-out clean scans evaluated, each clean + one copy per kind).
+# Size knobs (environment): TASK_EPOCHS, EPOCHS (teachers), STUDENT_EPOCHS, STEPS (batches per
+# epoch), MAX_SCANS (held-out clean scans evaluated, each clean + one copy per kind).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 cd "$HERE/../.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+TASK_EPOCHS="${TASK_EPOCHS:-32}"
 EPOCHS="${EPOCHS:-6}"
 STUDENT_EPOCHS="${STUDENT_EPOCHS:-8}"
 STEPS="${STEPS:-25}"
@@ -15,8 +16,12 @@ COMMON=("trainer.enable_progress_bar=false" "trainer.limit_train_batches=$STEPS"
 PY="${PYTHON:-python}"
 
 if [ -z "${SKIP_TASK:-}" ]; then  # SKIP_TASK=1 reuses the latest uncertainty_task run
-  $PY -m qcflow experiment=uncertainty_task trainer.max_epochs="$EPOCHS" "${COMMON[@]}"
+  $PY -m qcflow experiment=uncertainty_task trainer.max_epochs="$TASK_EPOCHS" "${COMMON[@]}"
 fi
+# the task network's full-volume Dice on the same held-out clean scans (reference for the student)
+$PY -m qcflow experiment=uncertainty_evaluate experiment_name=uncertainty_evaluate_task \
+  evaluate.stage_experiment=uncertainty_task evaluate.max_scans="$MAX_SCANS" \
+  evaluate.figures=false evaluate.save_maps=0 "$@"
 $PY -m qcflow -m experiment=uncertainty_teacher artifact=spike,noise,blur,wrap,motion \
   trainer.max_epochs="$EPOCHS" "${COMMON[@]}"
 $PY -m qcflow experiment=uncertainty_student trainer.max_epochs="$STUDENT_EPOCHS" "${COMMON[@]}"
@@ -27,6 +32,8 @@ RUNS="${QCFLOW_RUNS_DIR:-${QCFLOW_HOME:-$HOME/qcflow}/runs}"
 LATEST="$(ls -td "$RUNS"/uncertainty_evaluate/*/ | head -1)"
 mkdir -p "$HERE/results/figures"
 cp "$LATEST/metrics.json" "$HERE/results/metrics.json"
+TASK_EVAL="$(ls -td "$RUNS"/uncertainty_evaluate_task/*/ | head -1)"
+cp "$TASK_EVAL/metrics.json" "$HERE/results/task_metrics.json"
 cp "$LATEST/scans.tsv" "$HERE/results/scans.tsv"
 cp "$LATEST"/figures/*.png "$HERE/results/figures/"
 echo "results copied from $LATEST"

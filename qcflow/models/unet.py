@@ -100,6 +100,50 @@ class TwoHeadUNet(nn.Module):
         """``(logits, log_var)`` at full resolution."""
         return self.forward_all(x)[0]
 
+    def heads(self) -> list[nn.Conv3d]:
+        """The 1x1x1 output convolutions (full resolution first, then deep-supervision heads)."""
+        blocks = [self.net.output_block, *getattr(self.net, "deep_supervision_heads", [])]
+        return [b.conv.conv for b in blocks]
+
+    @torch.no_grad()
+    def init_from(self, source: TwoHeadUNet, extra_log_var: float = -2.0) -> None:
+        """Start from ``source``'s weights (a trained network with fewer variance channels).
+
+        Every parameter and buffer is copied from ``source`` (same ``filters`` etc. required);
+        in the output heads the segmentation rows and ``source``'s log-variance rows are
+        copied, and each extra log-variance row (an artifact channel the source does not have)
+        gets zero weights and bias ``extra_log_var``, i.e. a small constant variance
+        ``exp(extra_log_var)`` that training raises where the artifact hurts the segmentation.
+        So right after this call the logits equal ``source``'s and the first
+        ``source.num_sources`` log-variances too.
+        """
+        if source.num_classes != self.num_classes or source.num_sources > self.num_sources:
+            raise ValueError(
+                f"cannot initialise {self.num_classes} classes / {self.num_sources} sources "
+                f"from {source.num_classes} / {source.num_sources}"
+            )
+        n_src = source.num_classes + source.num_sources
+        head_params = {id(p) for h in self.heads() for p in h.parameters()}
+        own, theirs = self.state_dict(), source.state_dict()
+        for (name, p_own), (name_src, p_src) in zip(
+            self.named_parameters(), source.named_parameters(), strict=True
+        ):
+            if name != name_src:
+                raise ValueError(f"architectures differ: {name} vs {name_src}")
+            if id(p_own) in head_params:
+                p_own[:n_src].copy_(p_src)
+                if p_own.ndim > 1:
+                    p_own[n_src:].zero_()
+                else:
+                    p_own[n_src:].fill_(float(extra_log_var))
+            elif p_own.shape != p_src.shape:
+                raise ValueError(f"architectures differ at {name}: {p_own.shape} vs {p_src.shape}")
+            else:
+                p_own.copy_(p_src)
+        for name, buf in self.named_buffers():  # e.g. norm statistics
+            if name in theirs and theirs[name].shape == buf.shape:
+                own[name].copy_(theirs[name])
+
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
         """Concatenated ``(B, num_classes + num_sources, D, H, W)`` (for sliding windows)."""

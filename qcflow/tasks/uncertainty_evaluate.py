@@ -73,6 +73,15 @@ def decoupling_matrix(rows: list[dict[str, Any]], sources: list[str]) -> dict[st
     }
 
 
+def _relative(path: str | Path, base: Path) -> str:
+    """``path`` relative to ``base`` when inside it, else just its file name."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(base.resolve()))
+    except ValueError:
+        return path.name
+
+
 def _sampler(cfg: DictConfig, kind: str, seed: int) -> Any:
     from hydra.utils import instantiate
 
@@ -165,7 +174,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pd.DataFrame(rows).to_csv(out_dir / "scans.tsv", sep="\t", index=False)
     dices = [r["dice"] for r in rows]
     results: dict[str, Any] = {
-        "checkpoint": str(path),
+        # relative to the runs folder (absolute paths would not open on a reader's machine)
+        "checkpoint": _relative(path, Path(cfg.paths.runs_dir)),
         "role": module.role,
         "sources": sources,
         "n_images": len(rows),
@@ -189,7 +199,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     results["decoupling"] = decoupling_matrix(rows, sources)
     if ecfg.get("figures", True):
-        results["figures"] = save_figures(rows, examples, sources, out_dir / "figures")
+        figures = save_figures(rows, examples, sources, out_dir / "figures")
+        results["figures"] = [_relative(f, out_dir) for f in figures]
     return results
 
 

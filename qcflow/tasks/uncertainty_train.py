@@ -84,6 +84,8 @@ def build_module(cfg: DictConfig) -> UncertaintySeg:
         ssim_weight=float(ucfg.ssim_weight),
         task_net=task_net,
         teacher_nets=teachers,
+        init_from_task=bool(ucfg.get("init_from_task", True)),
+        init_log_var=float(ucfg.get("init_log_var", -2.0)),
     )
 
 
