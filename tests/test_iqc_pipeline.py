@@ -116,6 +116,20 @@ def test_train_flow_evaluate_cli(small_embedded: Path, tmp_path: Path) -> None:
     assert 0.0 <= ev["auroc"] <= 1.0
     assert (runs / "iqc_evaluate" / "2026-01-01_00-00-00_test" / "scores.tsv").is_file()
 
+    # weekly scoring with the latest trained models: codes, density, decision per scan
+    from qcflow.qc.scoring import ScoreTable
+
+    sc = stage("score", "data.split=test_clean", "score.density=true", "score.iqm=false")
+    assert sc["n_ok"] == sc["n_scans"] > 0
+    table = ScoreTable.read(runs / "score" / "2026-01-01_00-00-00_test" / "scores.tsv")
+    assert {"m_1", "m_2", "log_density", "density_percentile", "qc_decision"} <= set(table)
+    assert set(table.qc_decision) <= {"pass", "review", "fail"}
+    assert table.density_percentile.between(0, 100).all()
+    thr = sc["thresholds"]
+    assert thr["fail_log_density"] <= thr["review_log_density"]
+    fails = table.log_density < thr["fail_log_density"]
+    assert (table.qc_decision[fails] == "fail").all()
+
 
 def test_encoder_ddp_two_processes_gathers_negatives(small_embedded: Path, tmp_path: Path) -> None:
     """2-process CPU DDP (gloo) in a subprocess with a clean environment (PITFALLS.md)."""

@@ -6,27 +6,121 @@ Exit status (through the CLI): 0 when at least one scan was scored, 1 when none 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from qcflow.data.discovery import discover_scans, resolve_data_root
 from qcflow.data.preprocess import PreprocessConfig
 from qcflow.errors import ConfigError, QCFlowError
 from qcflow.qc.scoring import IQMScorer, Scorer, ScoreTable, score_scans
+from qcflow.utils.runs import find_latest_run
 
-__all__ = ["run", "build_scorers", "previous_table"]
+__all__ = ["run", "build_scorers", "previous_table", "DensityScorer", "find_flow_run"]
 
 log = logging.getLogger(__name__)
 
 
+class DensityScorer:
+    """Method A: artifact code ``m``, ``log p_M(m)``, its training percentile and a decision.
+
+    ``qc_decision`` is ``fail`` below the ``fail_tau`` density percentile of the unlabelled
+    training volumes, ``review`` between ``fail_tau`` and ``review_tau``, else ``pass``.
+
+    Args:
+        flow_run: a ``flow_density`` run folder (``flow.pt`` + ``codes_train.tsv``); its bundle
+            names the encoder checkpoint and the slice settings used in training.
+        review_tau, fail_tau: fractions of the training distribution (0.05, 0.03).
+    """
+
+    def __init__(self, flow_run: str | Path, review_tau: float = 0.05, fail_tau: float = 0.03):
+        from qcflow.tasks.flow_density import FLOW_FILE, load_encoder, load_flow
+
+        run = Path(flow_run)
+        if not (run / FLOW_FILE).is_file():
+            raise ConfigError(f"{run}: no {FLOW_FILE} (not a flow_density run)")
+        if not 0 < fail_tau <= review_tau < 1:
+            raise ConfigError(
+                f"need 0 < score.fail_tau <= score.review_tau < 1, got {fail_tau}, {review_tau}"
+            )
+        self.density, bundle = load_flow(run)
+        encoder_ckpt = Path(bundle["encoder_checkpoint"])
+        if not encoder_ckpt.is_file():
+            raise ConfigError(f"{encoder_ckpt}: encoder checkpoint of {run} not found")
+        self.encoder = load_encoder(encoder_ckpt)
+        self.n_central = bundle["n_central_slices"]
+        self.size = int(bundle["slice_size"])
+        self.data = bundle.get("data") or {}
+        train = pd.read_csv(run / "codes_train.tsv", sep="\t")
+        self.train_logp = np.sort(train["log_prob"].to_numpy(dtype=np.float64))
+        self.review_thr = float(np.quantile(self.train_logp, review_tau))
+        self.fail_thr = float(np.quantile(self.train_logp, fail_tau))
+        d = int(self.density.features)
+        self.columns = (*(f"m_{j + 1}" for j in range(d)), "log_density")
+        self.columns += ("density_percentile", "qc_decision")
+        digest = hashlib.sha1((run / FLOW_FILE).read_bytes())
+        digest.update(encoder_ckpt.read_bytes())
+        self.identity = f"density-{digest.hexdigest()[:12]}-{review_tau}-{fail_tau}"
+        self.thresholds = {"review_tau": review_tau, "fail_tau": fail_tau}
+        self.thresholds |= {"review_log_density": self.review_thr}
+        self.thresholds |= {"fail_log_density": self.fail_thr}
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        from qcflow.data.contrastive import axial_stack
+        from qcflow.models.encoder import volume_code
+
+        slices = axial_stack(item["image"], self.n_central, self.size)
+        m = volume_code(self.encoder, slices)
+        logp = float(self.density.log_prob(m[None].float())[0])
+        pct = 100.0 * float(np.searchsorted(self.train_logp, logp, side="right"))
+        pct /= len(self.train_logp)
+        decision = (
+            "fail" if logp < self.fail_thr else "review" if logp < self.review_thr else "pass"
+        )
+        row = {f"m_{j + 1}": float(v) for j, v in enumerate(m.tolist())}
+        row.update(log_density=logp, density_percentile=pct, qc_decision=decision)
+        return row
+
+
+def find_flow_run(cfg: DictConfig) -> Path | None:
+    """``score.flow_run`` or the latest ``flow_density`` run with ``flow.pt`` (None if absent)."""
+    given = cfg.score.get("flow_run")
+    if given:
+        return Path(str(given)).expanduser()
+    try:
+        return find_latest_run(cfg.paths.runs_dir, "flow_density", require="flow.pt")
+    except ConfigError:
+        return None
+
+
 def build_scorers(cfg: DictConfig) -> list[Scorer]:
-    """The scorers the config asks for (classical measures today; models plug in here)."""
+    """The scorers the config asks for: method A's density, then the classical measures."""
     scorers: list[Scorer] = []
+    density = cfg.score.get("density", "auto")
+    if density:
+        run = find_flow_run(cfg)
+        if run is None and str(density) != "auto":
+            raise ConfigError(
+                "score.density=true but no flow_density run was found; run "
+                "`python -m qcflow experiment=flow_density` or set score.flow_run=PATH"
+            )
+        if run is None:
+            log.warning("no trained density model found: scoring classical measures only")
+        else:
+            log.info("density model: %s", run)
+            scorers.append(
+                DensityScorer(
+                    run,
+                    review_tau=float(cfg.score.get("review_tau", 0.05)),
+                    fail_tau=float(cfg.score.get("fail_tau", 0.03)),
+                )
+            )
     if cfg.score.get("iqm", True):
         scorers.append(IQMScorer())
     if not scorers:
@@ -55,9 +149,19 @@ def previous_table(cfg: DictConfig) -> pd.DataFrame | None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
     scans = discover_scans(resolve_data_root(cfg.data), cfg.data.get("pattern"))
     scorers = build_scorers(cfg)
     pcfg = PreprocessConfig.from_data_cfg(cfg.data)
+    for scorer in scorers:  # preprocess exactly as the model was trained
+        if isinstance(scorer, DensityScorer) and scorer.data:
+            trained = PreprocessConfig.from_data_cfg(OmegaConf.create(scorer.data))
+            if trained.key() != pcfg.key():
+                log.info("using the density model's preprocessing: %s", trained)
+            pcfg = trained
     previous = previous_table(cfg) if cfg.score.get("resume") else None
     out = Path(cfg.paths.output_dir) / "scores.tsv"
     cache_dir = cfg.data.get("cache_dir") if cfg.data.get("cache") else None
@@ -83,7 +187,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print(f"  {row['scan_id']}: {row['error']}")
     if not ok.any():
         raise QCFlowError(f"{out}: no scan could be scored ({len(table)} failed); see the table")
+    thresholds = {k: v for s in scorers for k, v in getattr(s, "thresholds", {}).items()}
+    if "qc_decision" in table:
+        counts = table.loc[ok, "qc_decision"].value_counts().to_dict()
+        print(
+            "decisions: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in ("pass", "review", "fail"))
+        )
     return {
+        "thresholds": thresholds,
+        "decisions": table.loc[ok, "qc_decision"].value_counts().to_dict()
+        if "qc_decision" in table
+        else {},
         "n_scans": len(table),
         "n_ok": int(ok.sum()),
         "n_error": len(errors),
