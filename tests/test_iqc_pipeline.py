@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tests.conftest import SMALL_EMBEDDED
@@ -129,6 +130,17 @@ def test_train_flow_evaluate_cli(small_embedded: Path, tmp_path: Path) -> None:
     assert thr["fail_log_density"] <= thr["review_log_density"]
     fails = table.log_density < thr["fail_log_density"]
     assert (table.qc_decision[fails] == "fail").all()
+
+    # the Python API gives the CLI's table
+    import qcflow
+
+    api = qcflow.score(
+        small_embedded / "test_clean",
+        models=runs / "flow_density" / "2026-01-01_00-00-00_test",
+        iqm=False,
+    )
+    cols = ["scan_id", "m_1", "m_2", "log_density", "density_percentile", "qc_decision", "status"]
+    pd.testing.assert_frame_equal(api[cols], table[cols], check_dtype=False)
 
 
 def test_encoder_ddp_two_processes_gathers_negatives(small_embedded: Path, tmp_path: Path) -> None:

@@ -135,3 +135,17 @@ def test_score_only_bad_files_exits_1(tmp_path: Path) -> None:
 def test_score_config_composes(tmp_path: Path) -> None:
     cfg = compose_cfg(["experiment=score", "score.resume=true"], tmp_path)
     assert cfg.task == "score" and cfg.score.resume is True
+
+
+def test_python_api_list_of_files(mixed, tmp_path: Path) -> None:
+    import qcflow
+
+    folder, _ = mixed
+    files = [folder / "good0.nii.gz", folder / "bad" / "nan.nii.gz", folder / "good1.nii.gz"]
+    table = qcflow.score(files, models=None, output=tmp_path / "api.tsv")
+    assert list(table.scan_id) == ["good0", "nan", "good1"]
+    assert list(table.status) == ["ok", "error", "ok"]
+    assert "NaN" in table.error[1]
+    assert ScoreTable.read(tmp_path / "api.tsv").shape[0] == 3
+    with pytest.raises(Exception, match="nothing to score"):
+        qcflow.score(files, models=None, iqm=False)
