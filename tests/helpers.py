@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qcflow.cli import config_dir
 
-__all__ = ["compose_cfg", "run_cli", "EXPERIMENTS"]
+__all__ = ["compose_cfg", "run_cli", "EXPERIMENTS", "check_report"]
 
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
 
@@ -38,3 +38,18 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
         text=True,
         timeout=timeout,
     )
+
+
+def check_report(report: Path, scan_ids: list[str]) -> list[str]:
+    """Assert a report.html is offline-safe, references only existing files and lists every
+    scan; returns the referenced files."""
+    import re
+
+    text = report.read_text()
+    refs = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", text)
+    assert not [r for r in refs if "://" in r or r.startswith("//")], "external reference"
+    for ref in refs:
+        assert (report.parent / ref).is_file(), f"{ref} referenced but missing"
+    for sid in scan_ids:
+        assert f"<td>{sid}</td>" in text, sid
+    return refs

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import SMALL_EMBEDDED
-from tests.helpers import compose_cfg, run_cli
+from tests.helpers import check_report, compose_cfg, run_cli
 
 #: the small 4 mm embedded data, tiny slices and a tiny DenseNet
 TINY = [
@@ -130,6 +130,10 @@ def test_train_flow_evaluate_cli(small_embedded: Path, tmp_path: Path) -> None:
     assert thr["fail_log_density"] <= thr["review_log_density"]
     fails = table.log_density < thr["fail_log_density"]
     assert (table.qc_decision[fails] == "fail").all()
+    refs = check_report(Path(sc["report_html"]), list(table.scan_id))
+    assert "density_contours.png" in refs
+    flagged = table[table.qc_decision != "pass"]
+    assert all(f"thumbs/{sid}.png" in refs for sid in flagged.scan_id)
 
     # the Python API gives the CLI's table
     import qcflow

@@ -12,7 +12,7 @@ from qcflow.data.discovery import discover_scans
 from qcflow.data.preprocess import PreprocessConfig
 from qcflow.qc.scoring import IQMScorer, ScoreTable, score_scans
 from qcflow.testing import BAD_SCAN_KINDS, write_bad_scans, write_good_scan
-from tests.helpers import compose_cfg, run_cli
+from tests.helpers import check_report, compose_cfg, run_cli
 
 PCFG = PreprocessConfig(spacing=2.0, shape=(32, 36, 32))
 
@@ -107,6 +107,7 @@ def test_score_task_cli(mixed, tmp_path: Path) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["n_ok"] == 3
     assert np.isfinite(table[table.status == "ok"].snr).all()
+    check_report(run_dir / "report.html", list(table.scan_id))
 
     # resume from the latest score run: nothing is recomputed, same rows
     again = tmp_path / "again"

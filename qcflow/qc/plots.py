@@ -42,9 +42,11 @@ def _by_group(ax: Any, xy: np.ndarray, groups: Sequence[Any], **kw: Any) -> None
         if sel.any():
             ax.scatter(xy[sel, 0], xy[sel, 1], s=kw.get("s", 14), color="k", marker="x",
                        label=name, linewidths=0.8)  # fmt: skip
+    fixed = {"pass": "tab:green", "review": "tab:orange", "fail": "tab:red"}  # QC decisions
     for i, name in enumerate(names):
         sel = groups == name
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=kw.get("s", 14), color=cmap(i % cmap.N), label=name,
+        color = fixed.get(name, cmap(i % cmap.N))
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=kw.get("s", 14), color=color, label=name,
                    edgecolors="k", linewidths=0.3)  # fmt: skip
 
 

@@ -180,7 +180,7 @@ def score_scans(
     num_workers: int = 0,
     flush_every: int = 10,
     progress: bool | None = None,
-    on_row: Callable[[dict[str, Any]], None] | None = None,
+    on_row: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
 ) -> pd.DataFrame:
     """Score every scan with every scorer; see the module docstring for the guarantees.
 
@@ -195,7 +195,8 @@ def score_scans(
         num_workers: DataLoader workers for loading/preprocessing.
         flush_every: rows between atomic rewrites of the table.
         progress: show a progress bar with ETA (default: when stderr is a terminal).
-        on_row: called with every new row (e.g. to write per-scan maps).
+        on_row: called as ``on_row(row, item)`` for every newly scored scan (``item`` holds
+            the preprocessed ``image``; e.g. to write thumbnails or per-scan maps).
 
     Returns:
         The final table. On KeyboardInterrupt the partial table is flushed, then it re-raises.
@@ -255,7 +256,7 @@ def score_scans(
                     log.warning("%s: %s", scan.path, reason)
             table.add(row)
             if on_row is not None:
-                on_row(row)
+                on_row(row, item)
     finally:
         table.flush()  # also on Ctrl-C: a valid partial table
     log.info("scored %d scans in %.1f s", len(todo), time.perf_counter() - t0)

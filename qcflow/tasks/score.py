@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from qcflow.data.discovery import discover_scans, resolve_data_root
 from qcflow.data.preprocess import PreprocessConfig
 from qcflow.errors import ConfigError, QCFlowError
+from qcflow.qc.report import write_report, write_thumbnail
 from qcflow.qc.scoring import IQMScorer, Scorer, ScoreTable, score_scans
 from qcflow.utils.runs import find_latest_run
 
@@ -58,6 +59,7 @@ class DensityScorer:
         self.size = int(bundle["slice_size"])
         self.data = bundle.get("data") or {}
         train = pd.read_csv(run / "codes_train.tsv", sep="\t")
+        self.train_codes = train[[c for c in train.columns if c.startswith("m")]].to_numpy()
         self.train_logp = np.sort(train["log_prob"].to_numpy(dtype=np.float64))
         self.review_thr = float(np.quantile(self.train_logp, review_tau))
         self.fail_thr = float(np.quantile(self.train_logp, fail_tau))
@@ -86,6 +88,30 @@ class DensityScorer:
         row = {f"m_{j + 1}": float(v) for j, v in enumerate(m.tolist())}
         row.update(log_density=logp, density_percentile=pct, qc_decision=decision)
         return row
+
+    def plot(self, table: pd.DataFrame, path: Path) -> Path | None:
+        """Density contours of p_M(m) with the training codes and every scored scan on top."""
+        from qcflow.qc.plots import density_contours
+
+        cols = [f"m_{j + 1}" for j in range(int(self.density.features))]
+        ok = table[table["status"] == "ok"]
+        if len(cols) != 2 or ok.empty:
+            return None  # contours are drawn for d = 2 only
+
+        def log_prob(x: np.ndarray) -> np.ndarray:
+            import torch
+
+            with torch.no_grad():
+                return self.density.log_prob(torch.as_tensor(x, dtype=torch.float32)).numpy()
+
+        return density_contours(
+            log_prob,
+            self.train_codes,
+            ok[cols].to_numpy(dtype=np.float64),
+            list(ok["qc_decision"]),
+            path,
+            thresholds={"review": self.review_thr, "fail": self.fail_thr},
+        )
 
 
 def find_flow_run(cfg: DictConfig) -> Path | None:
@@ -165,6 +191,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     previous = previous_table(cfg) if cfg.score.get("resume") else None
     out = Path(cfg.paths.output_dir) / "scores.tsv"
     cache_dir = cfg.data.get("cache_dir") if cfg.data.get("cache") else None
+    out_dir = Path(cfg.paths.output_dir)
+    thumbs: dict[str, str] = {}
+
+    def on_row(row: dict[str, Any], item: dict[str, Any]) -> None:
+        """Thumbnails of flagged scans for report.html."""
+        if row.get("qc_decision") in ("review", "fail") and item.get("image") is not None:
+            rel = f"thumbs/{row['scan_id']}.png"
+            write_thumbnail(item["image"], out_dir / rel)
+            thumbs[str(row["scan_id"])] = rel
+
     try:
         table = score_scans(
             scans,
@@ -176,6 +212,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             num_workers=int(cfg.data.get("num_workers") or 0),
             flush_every=int(cfg.score.get("flush_every", 10)),
             progress=cfg.score.get("progress"),
+            on_row=on_row,
         )
     except KeyboardInterrupt:
         print(f"qcflow: interrupted; partial table in {out}", file=sys.stderr)
@@ -188,6 +225,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not ok.any():
         raise QCFlowError(f"{out}: no scan could be scored ({len(table)} failed); see the table")
     thresholds = {k: v for s in scorers for k, v in getattr(s, "thresholds", {}).items()}
+    for rel in (f"thumbs/{sid}.png" for sid in table["scan_id"]):  # resumed flagged scans
+        sid = Path(rel).stem
+        if sid not in thumbs and (out_dir / rel).is_file():
+            thumbs[sid] = rel
+    plot = None
+    for scorer in scorers:
+        if isinstance(scorer, DensityScorer):
+            made = scorer.plot(table, out_dir / "density_contours.png")
+            plot = made.name if made else None
+    report = write_report(table, out_dir, thresholds, plot, thumbs)
+    print(f"report: {report}")
     if "qc_decision" in table:
         counts = table.loc[ok, "qc_decision"].value_counts().to_dict()
         print(
@@ -198,6 +246,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "decisions": table.loc[ok, "qc_decision"].value_counts().to_dict()
         if "qc_decision" in table
         else {},
+        "report_html": str(report),
         "n_scans": len(table),
         "n_ok": int(ok.sum()),
         "n_error": len(errors),
