@@ -135,6 +135,13 @@ def test_train_flow_evaluate_cli(small_embedded: Path, tmp_path: Path) -> None:
     flagged = table[table.qc_decision != "pass"]
     assert all(f"thumbs/{sid}.png" in refs for sid in flagged.scan_id)
 
+    # per-site thresholds: every training site has 2 volumes in the small dataset
+    site = stage("score", "data.split=test_clean", "score.iqm=false", "score.per_site=true",
+                 "score.min_site_volumes=2")  # fmt: skip
+    by_site = ScoreTable.read(Path(site["report_html"]).parent / "scores.tsv")
+    assert by_site.threshold_scope.str.startswith("site:").all()
+    assert any(k.startswith("fail_log_density[") for k in site["thresholds"])
+
     # the Python API gives the CLI's table
     import qcflow
 

@@ -38,9 +38,20 @@ class DensityScorer:
         flow_run: a ``flow_density`` run folder (``flow.pt`` + ``codes_train.tsv``); its bundle
             names the encoder checkpoint and the slice settings used in training.
         review_tau, fail_tau: fractions of the training distribution (0.05, 0.03).
+        per_site: thresholds and percentiles within the scan's site, from the training volumes
+            of that site (``site`` column of ``participants.tsv``); a site with fewer than
+            ``min_site_volumes`` training volumes, or unknown in training, uses the global
+            distribution (column ``threshold_scope`` says which).
     """
 
-    def __init__(self, flow_run: str | Path, review_tau: float = 0.05, fail_tau: float = 0.03):
+    def __init__(
+        self,
+        flow_run: str | Path,
+        review_tau: float = 0.05,
+        fail_tau: float = 0.03,
+        per_site: bool = False,
+        min_site_volumes: int = 10,
+    ):
         from qcflow.tasks.flow_density import FLOW_FILE, load_encoder, load_flow
 
         run = Path(flow_run)
@@ -72,6 +83,34 @@ class DensityScorer:
         self.thresholds = {"review_tau": review_tau, "fail_tau": fail_tau}
         self.thresholds |= {"review_log_density": self.review_thr}
         self.thresholds |= {"fail_log_density": self.fail_thr}
+        self.review_tau, self.fail_tau = review_tau, fail_tau
+        self.per_site = per_site
+        self.site_logp: dict[str, np.ndarray] = {}
+        if per_site:
+            self.columns += ("threshold_scope",)
+            self.identity += f"-site{int(min_site_volumes)}"
+            sites = self._training_sites()
+            logp = dict(zip(train["scan_id"].astype(str), train["log_prob"], strict=True))
+            for site in sorted(set(sites.values())):
+                vals = [logp[sid] for sid, st in sites.items() if st == site and sid in logp]
+                if len(vals) >= int(min_site_volumes):
+                    self.site_logp[site] = np.sort(np.asarray(vals, dtype=np.float64))
+            for site, vals in self.site_logp.items():
+                self.thresholds[f"review_log_density[{site}]"] = float(
+                    np.quantile(vals, review_tau)
+                )
+                self.thresholds[f"fail_log_density[{site}]"] = float(np.quantile(vals, fail_tau))
+
+    def _training_sites(self) -> dict[str, str]:
+        """``scan_id -> site`` of the training volumes (re-discovered from the model's data)."""
+        from qcflow.data.discovery import discover_scans, resolve_data_root
+
+        try:
+            scans = discover_scans(resolve_data_root(OmegaConf.create(self.data)))
+        except Exception as exc:  # training data moved: fall back to global thresholds
+            log.warning("per-site thresholds unavailable (%s); using global ones", exc)
+            return {}
+        return {s.scan_id: s.site for s in scans if s.site}
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         from qcflow.data.contrastive import axial_stack
@@ -80,13 +119,19 @@ class DensityScorer:
         slices = axial_stack(item["image"], self.n_central, self.size)
         m = volume_code(self.encoder, slices)
         logp = float(self.density.log_prob(m[None].float())[0])
-        pct = 100.0 * float(np.searchsorted(self.train_logp, logp, side="right"))
-        pct /= len(self.train_logp)
-        decision = (
-            "fail" if logp < self.fail_thr else "review" if logp < self.review_thr else "pass"
-        )
+        site = item["scan"].site if item.get("scan") is not None else None
+        ref = self.site_logp.get(site) if self.per_site and site else None
+        if ref is None:
+            ref, review_thr, fail_thr = self.train_logp, self.review_thr, self.fail_thr
+        else:
+            review_thr = float(np.quantile(ref, self.review_tau))
+            fail_thr = float(np.quantile(ref, self.fail_tau))
+        pct = 100.0 * float(np.searchsorted(ref, logp, side="right")) / len(ref)
+        decision = "fail" if logp < fail_thr else "review" if logp < review_thr else "pass"
         row = {f"m_{j + 1}": float(v) for j, v in enumerate(m.tolist())}
         row.update(log_density=logp, density_percentile=pct, qc_decision=decision)
+        if self.per_site:
+            row["threshold_scope"] = f"site:{site}" if ref is not self.train_logp else "global"
         return row
 
     def plot(self, table: pd.DataFrame, path: Path) -> Path | None:
@@ -145,6 +190,8 @@ def build_scorers(cfg: DictConfig) -> list[Scorer]:
                     run,
                     review_tau=float(cfg.score.get("review_tau", 0.05)),
                     fail_tau=float(cfg.score.get("fail_tau", 0.03)),
+                    per_site=bool(cfg.score.get("per_site", False)),
+                    min_site_volumes=int(cfg.score.get("min_site_volumes", 10)),
                 )
             )
     if cfg.score.get("iqm", True):
