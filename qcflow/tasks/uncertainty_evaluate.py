@@ -234,8 +234,9 @@ def save_figures(
             )
         rho, _ = spearman([r[key] for r in rows], [r["dice"] for r in rows])
         ax.set(xlabel=name, ylabel="Dice (GM)", title=f"Spearman rho = {rho:.3f}")
-        if key == "mean_var_artifact":
-            ax.set_xscale("log")
+        values = [r[key] for r in rows if r[key] > 0]
+        if key == "mean_var_artifact" and values and max(values) > 10 * min(values):
+            ax.set_xscale("log")  # only for a wide range (log ticks overlap on a narrow one)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     files.append(str(fig_dir / "dice_vs_measures.png"))
