@@ -117,6 +117,18 @@ def test_train_flow_evaluate_cli(small_embedded: Path, tmp_path: Path) -> None:
     assert 0.0 <= ev["auroc"] <= 1.0
     assert (runs / "iqc_evaluate" / "2026-01-01_00-00-00_test" / "scores.tsv").is_file()
 
+    # an evaluation-only sweep over tau: the codes are embedded once, then read from the cache
+    sweep = tmp_path / "sweep_tau"
+    res = run_cli("-m", "experiment=iqc_evaluate", "sweep=tau", *common, "+evaluate.tau=0.05,0.5",
+                  f"hydra.sweep.dir={sweep}", cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = pd.read_csv(sweep / "sweep_summary.csv").sort_values("evaluate.tau")
+    assert list(summary["evaluate.tau"]) == [0.05, 0.5]
+    assert summary.sensitivity.is_monotonic_increasing  # a larger tau flags more scans
+    assert summary.specificity.is_monotonic_decreasing
+    assert (sweep / "sweep_summary.png").is_file()
+    assert (runs / "flow_density" / "2026-01-01_00-00-00_test" / "eval_cache.pt").is_file()
+
     # weekly scoring with the latest trained models: codes, density, decision per scan
     from qcflow.qc.scoring import ScoreTable
 

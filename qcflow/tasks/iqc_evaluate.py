@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -76,10 +77,49 @@ def _load_set(cfg: DictConfig, split: str | None, root: str | None, label: int) 
     return {"dm": dm, "kinds": kinds, "severity": sev, "labels": labels}
 
 
-def _iqms(volumes: Any) -> dict[str, np.ndarray]:
+class _VolumeCache:
+    """Per-volume results (codes, IQMs) keyed by the preprocessing cache key of each scan, in
+    one ``torch.save`` file of the flow run: a τ sweep re-evaluates without re-embedding."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.store: dict[str, Any] = {}
+        if path is not None and path.is_file():
+            try:
+                self.store = torch.load(path, weights_only=False)
+            except Exception:  # a damaged cache is rebuilt, never trusted
+                self.store = {}
+        self.dirty = False
+
+    def get(self, volumes: Any, what: str, compute: Any) -> list[Any]:
+        out = []
+        for i, scan in enumerate(volumes.scans):
+            key = f"{what}|{volumes.cache.key(scan, False)}"
+            if key not in self.store:
+                self.store[key] = compute(volumes.volume(i)["image"])
+                self.dirty = True
+            out.append(self.store[key])
+        return out
+
+    def save(self) -> None:
+        if self.path is not None and self.dirty:
+            from qcflow.utils.io import atomic_path
+
+            with atomic_path(self.path) as tmp:
+                torch.save(self.store, tmp)
+
+
+def _iqms(volumes: Any, cache: _VolumeCache | None = None) -> dict[str, np.ndarray]:
     from qcflow.qc.iqm import compute_iqms
 
-    rows = [compute_iqms(volumes.volume(i)["image"][0].numpy()) for i in range(len(volumes))]
+    def one(image: Any) -> dict[str, float]:
+        return compute_iqms(image[0].numpy())
+
+    rows = (
+        cache.get(volumes, "iqm", one)
+        if cache
+        else [one(volumes.volume(i)["image"]) for i in range(len(volumes))]
+    )
     return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in rows[0]} if rows else {}
 
 
@@ -95,6 +135,19 @@ def _detector_metrics(
         out[f"specificity_{key}"] = spec
         out[f"contingency_{key}"] = table
     return out
+
+
+class _OneVolume:
+    """The minimal VolumeDataset interface :func:`embed_volumes` needs, for one image."""
+
+    def __init__(self, image: Any) -> None:
+        self.image = image
+
+    def __len__(self) -> int:
+        return 1
+
+    def volume(self, index: int) -> dict[str, Any]:
+        return {"image": self.image}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -113,7 +166,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     density, bundle = load_flow(flow_run)
     encoder = load_encoder(bundle["encoder_checkpoint"])
     n_central, size = bundle["n_central_slices"], int(bundle["slice_size"])
+    if ecfg.get("tau") is not None and not ecfg.get("taus"):  # one tau (sweep=tau)
+        with open_dict(ecfg):
+            ecfg.taus = [float(ecfg.tau)]
+    if ecfg.get("taus"):  # other operating points: thresholds from the training codes, no refit
+        train_codes = pd.read_csv(flow_run / "codes_train.tsv", sep="\t")
+        m_train = train_codes[[c for c in train_codes.columns if c.startswith("m")]].to_numpy()
+        density.set_thresholds(torch.as_tensor(m_train, dtype=torch.float32), list(ecfg.taus))
     taus = [float(t) for t in density.taus.tolist()]
+    vcache = _VolumeCache(flow_run / "eval_cache.pt" if ecfg.get("cache", True) else None)
 
     sets = [
         _load_set(cfg, s.get("split"), s.get("root"), int(s.get("label", 1))) for s in ecfg.sets
@@ -122,8 +183,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     kinds = [k for s in sets for k in s["kinds"]]
     severity = [v for s in sets for v in s["severity"]]
     labels = np.array([v for s in sets for v in s["labels"]], dtype=int)
-    codes = np.concatenate(
-        [embed_volumes(encoder, s["dm"]._volumes(s["dm"].scans), n_central, size) for s in sets]
+
+    def code(image: Any) -> np.ndarray:
+        return embed_volumes(encoder, _OneVolume(image), n_central, size)[0]
+
+    codes = np.stack(
+        [c for s in sets for c in vcache.get(s["dm"]._volumes(s["dm"].scans), "code", code)]
     )
     m = torch.as_tensor(codes, dtype=torch.float32)
     with torch.no_grad():
@@ -154,10 +219,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     curves = {"p_M(m) flow": (*det.roc(-logp, labels), results["auroc"])}
     if ecfg.get("baselines"):
         train = _load_set(cfg, ecfg.get("train_split", "train"), ecfg.get("train_root"), 0)
-        iqm_train = _iqms(train["dm"]._volumes(train["dm"].scans))
+        iqm_train = _iqms(train["dm"]._volumes(train["dm"].scans), vcache)
         iqm_test: dict[str, list[np.ndarray]] = {}
         for s in sets:
-            for k, v in _iqms(s["dm"]._volumes(s["dm"].scans)).items():
+            for k, v in _iqms(s["dm"]._volumes(s["dm"].scans), vcache).items():
                 iqm_test.setdefault(k, []).append(v)
         for name, side in ecfg.baselines.items():
             values = np.concatenate(iqm_test[name])
@@ -176,6 +241,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             baselines[name] = metrics
             curves[name] = (*det.roc(score, labels), metrics["auroc"])
     results["baselines"] = baselines
+    vcache.save()
     results["auroc_above_all_baselines"] = bool(
         all(results["auroc"] > b["auroc"] for b in baselines.values())
     )
