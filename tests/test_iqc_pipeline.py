@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from tests.conftest import SMALL_EMBEDDED
 from tests.helpers import check_report, compose_cfg, run_cli
@@ -183,3 +184,19 @@ def test_encoder_ddp_two_processes_gathers_negatives(small_embedded: Path, tmp_p
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert math.isfinite(metrics["train/loss"]) and Path(metrics["checkpoint"]).is_file()
+
+
+def test_augmentation_sweep_runs_and_summarises(small_embedded: Path, tmp_path: Path) -> None:
+    """`sweep=augmentations` trains one encoder per negative kind; the summary has a row each."""
+    sweep = tmp_path / "sweep_aug"
+    res = run_cli(
+        "-m", "experiment=encoder_contrastive", "sweep=augmentations", "augment=noise,motion",
+        *TINY, *TINY_ENCODER, "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = pd.read_csv(sweep / "sweep_summary.csv")
+    assert sorted(summary["augment"]) == ["motion", "noise"]
+    assert summary["train/loss"].notna().all()
+    for job in ("0", "1"):
+        cfg = OmegaConf.load(sweep / job / ".hydra" / "config.yaml")
+        assert cfg.augment[str(summary.set_index("job").loc[int(job), "augment"])] is not None
