@@ -232,20 +232,27 @@ class PreprocessCache:
         self.root = Path(root) if root is not None else None
         self.pcfg = pcfg
 
-    def key(self, scan: Scan, with_label: bool) -> str:
-        parts = [self.pcfg.key(), file_digest(scan.path)]
+    def key(self, scan: Scan, with_label: bool, digest: str | None = None) -> str:
+        """Cache key of ``scan`` (``digest``: its file's SHA-1 when already known)."""
+        parts = [self.pcfg.key(), digest or file_digest(scan.path)]
         if with_label:
             for p in (scan.label_path, scan.mask_path):
                 parts.append(file_digest(p) if p is not None and Path(p).exists() else "-")
         return hashlib.sha1("|".join(parts).encode()).hexdigest()
 
-    def load(self, scan: Scan, with_label: bool = True) -> dict[str, Any]:
-        """Preprocessed scan from the cache, computing and storing it on a miss."""
+    def load(
+        self, scan: Scan, with_label: bool = True, digest: str | None = None
+    ) -> dict[str, Any]:
+        """Preprocessed scan from the cache, computing and storing it on a miss.
+
+        Args:
+            digest: the image file's SHA-1 when the caller already computed it.
+        """
         if self.root is None:
             return preprocess_scan(scan, self.pcfg, with_label)
         if not Path(scan.path).is_file():
             raise ScanError(scan.path, "file not found")
-        key = self.key(scan, with_label)
+        key = self.key(scan, with_label, digest)
         path = self.root / key[:2] / f"{key}.pt"
         if path.is_file():
             try:

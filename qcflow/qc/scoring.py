@@ -86,11 +86,22 @@ class ScoringDataset(Dataset):
     """Loads and preprocesses scans; a bad scan yields ``error`` instead of raising.
 
     Items: ``{"scan", "file_sha1", "image" | None, "affine" | None, "error": str}``.
+
+    Args:
+        scans: the scans to load.
+        cache: preprocessing (and its optional on-disk cache).
+        digests: the files' SHA-1 when already computed (one read of each file saved).
     """
 
-    def __init__(self, scans: Sequence[Scan], cache: PreprocessCache) -> None:
+    def __init__(
+        self,
+        scans: Sequence[Scan],
+        cache: PreprocessCache,
+        digests: Sequence[str] | None = None,
+    ) -> None:
         self.scans = list(scans)
         self.cache = cache
+        self.digests = list(digests) if digests is not None else [""] * len(self.scans)
 
     def __len__(self) -> int:
         return len(self.scans)
@@ -102,8 +113,8 @@ class ScoringDataset(Dataset):
         try:
             if not Path(scan.path).is_file():
                 raise ScanError(scan.path, "file not found")
-            item["file_sha1"] = file_digest(scan.path)
-            out = self.cache.load(scan, with_label=False)
+            item["file_sha1"] = self.digests[index] or file_digest(scan.path)
+            out = self.cache.load(scan, with_label=False, digest=item["file_sha1"])
             item["image"], item["affine"] = out["image"], out["affine"]
         except ScanError as exc:
             item["error"] = exc.reason
@@ -208,6 +219,7 @@ def score_scans(
     reusable = _reusable(previous, model_id)
 
     todo: list[Scan] = []
+    digests: list[str] = []
     for scan in scans:
         digest = file_digest(scan.path) if Path(scan.path).is_file() else ""
         old = reusable.get((str(scan.path), digest))
@@ -215,11 +227,12 @@ def score_scans(
             table.rows[scan.scan_id] = {**old, "scan_id": scan.scan_id}
         else:
             todo.append(scan)
+            digests.append(digest)
     if reusable:
         log.info("resume: %d of %d scans already scored", len(scans) - len(todo), len(scans))
 
     loader = DataLoader(
-        ScoringDataset(todo, PreprocessCache(cache_dir, pcfg)),
+        ScoringDataset(todo, PreprocessCache(cache_dir, pcfg), digests),
         batch_size=None,  # one scan at a time, no collation
         num_workers=num_workers,
         shuffle=False,
