@@ -215,12 +215,16 @@ class PatchDataModule(ScanDataModule):
             verbose=False,
         )
 
+    def _collate(self, batch: list[tio.Subject]) -> dict[str, Any]:
+        """Patches -> batch dict; subclasses add keys (see :func:`_patch_collate`)."""
+        return _patch_collate(batch)
+
     def _patch_loader(self, queue: tio.Queue) -> DataLoader:
         return DataLoader(
             queue,
             batch_size=int(self.cfg.get("batch_size", 2)),
             num_workers=0,
-            collate_fn=_patch_collate,
+            collate_fn=self._collate,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -25,7 +25,6 @@ import pytorch_lightning as pl
 import torch
 import torchio as tio
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from qcflow.data.datamodule import PatchDataModule, _patch_collate
 from qcflow.models.losses import consistency_loss, heteroscedastic_ce
@@ -280,10 +279,5 @@ class PairedPatchDataModule(PatchDataModule):
             )
         super().__init__(data_cfg, with_label=True, transform=transform)
 
-    def _patch_loader(self, queue: tio.Queue) -> DataLoader:
-        return DataLoader(
-            queue,
-            batch_size=int(self.cfg.get("batch_size", 2)),
-            num_workers=0,
-            collate_fn=_paired_collate,
-        )
+    def _collate(self, batch: list[tio.Subject]) -> dict[str, Any]:
+        return _paired_collate(batch)

@@ -29,7 +29,7 @@ from qcflow.models.flow import DensityFlow, fit_flow, tau_key
 from qcflow.tasks.common import resolve_checkpoint, seed_all
 from qcflow.tasks.encoder_contrastive import set_threads, skipped_report
 
-__all__ = ["run", "load_encoder", "embed_volumes", "load_flow", "write_codes"]
+__all__ = ["run", "load_encoder", "embed_volumes", "load_flow", "write_codes", "read_codes"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,19 @@ def write_codes(path: Path, ids: Sequence[str], codes: np.ndarray, logp: np.ndar
     for sid, c, lp in zip(ids, codes, logp, strict=True):
         lines.append("\t".join([sid, *[f"{v:.6g}" for v in c], f"{lp:.6g}"]))
     path.write_text("\n".join(lines) + "\n")
+
+
+def read_codes(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """A :func:`write_codes` table: ``(scan ids, (N, d) codes, (N,) log-probs)``."""
+    import pandas as pd
+
+    table = pd.read_csv(path, sep="\t", dtype={"scan_id": str})
+    m_cols = [c for c in table.columns if c.startswith("m") and c[1:].isdigit()]
+    return (
+        list(table["scan_id"]),
+        table[m_cols].to_numpy(dtype=np.float64),
+        table["log_prob"].to_numpy(dtype=np.float64),
+    )
 
 
 def load_flow(run_dir: str | Path) -> tuple[DensityFlow, dict[str, Any]]:

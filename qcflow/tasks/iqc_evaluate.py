@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -33,7 +32,7 @@ from qcflow.data.discovery import resolve_data_root
 from qcflow.models.flow import tau_key
 from qcflow.qc import detection as det
 from qcflow.tasks.encoder_contrastive import set_threads, skipped_report
-from qcflow.tasks.flow_density import embed_volumes, load_encoder, load_flow
+from qcflow.tasks.flow_density import embed_volumes, load_encoder, load_flow, read_codes
 from qcflow.utils.runs import find_latest_run
 
 __all__ = ["run", "read_artifact_table"]
@@ -170,8 +169,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         with open_dict(ecfg):
             ecfg.taus = [float(ecfg.tau)]
     if ecfg.get("taus"):  # other operating points: thresholds from the training codes, no refit
-        train_codes = pd.read_csv(flow_run / "codes_train.tsv", sep="\t")
-        m_train = train_codes[[c for c in train_codes.columns if c.startswith("m")]].to_numpy()
+        _, m_train, _ = read_codes(flow_run / "codes_train.tsv")
         density.set_thresholds(torch.as_tensor(m_train, dtype=torch.float32), list(ecfg.taus))
     taus = [float(t) for t in density.taus.tolist()]
     vcache = _VolumeCache(flow_run / "eval_cache.pt" if ecfg.get("cache", True) else None)
@@ -272,7 +270,7 @@ def _figures(
 ) -> None:  # fmt: skip
     from qcflow.qc import plots
 
-    train = np.loadtxt(flow_run / "codes_train.tsv", skiprows=1, usecols=(1, 2), ndmin=2)
+    _, train, _ = read_codes(flow_run / "codes_train.tsv")
     m_train = torch.as_tensor(train, dtype=torch.float32)
     with torch.no_grad():
         z_train = density.to_latent(m_train).numpy()

@@ -52,7 +52,7 @@ class DensityScorer:
         per_site: bool = False,
         min_site_volumes: int = 10,
     ):
-        from qcflow.tasks.flow_density import FLOW_FILE, load_encoder, load_flow
+        from qcflow.tasks.flow_density import FLOW_FILE, load_encoder, load_flow, read_codes
 
         run = Path(flow_run)
         if not (run / FLOW_FILE).is_file():
@@ -69,9 +69,8 @@ class DensityScorer:
         self.n_central = bundle["n_central_slices"]
         self.size = int(bundle["slice_size"])
         self.data = bundle.get("data") or {}
-        train = pd.read_csv(run / "codes_train.tsv", sep="\t")
-        self.train_codes = train[[c for c in train.columns if c.startswith("m")]].to_numpy()
-        self.train_logp = np.sort(train["log_prob"].to_numpy(dtype=np.float64))
+        train_ids, self.train_codes, train_logp = read_codes(run / "codes_train.tsv")
+        self.train_logp = np.sort(train_logp)
         self.review_thr = float(np.quantile(self.train_logp, review_tau))
         self.fail_thr = float(np.quantile(self.train_logp, fail_tau))
         d = int(self.density.features)
@@ -83,23 +82,24 @@ class DensityScorer:
         self.thresholds = {"review_tau": review_tau, "fail_tau": fail_tau}
         self.thresholds |= {"review_log_density": self.review_thr}
         self.thresholds |= {"fail_log_density": self.fail_thr}
-        self.review_tau, self.fail_tau = review_tau, fail_tau
         self.per_site = per_site
         self.site_logp: dict[str, np.ndarray] = {}
+        self.site_thr: dict[str, tuple[float, float]] = {}  # site -> (review, fail)
         if per_site:
             self.columns += ("threshold_scope",)
             self.identity += f"-site{int(min_site_volumes)}"
             sites = self._training_sites()
-            logp = dict(zip(train["scan_id"].astype(str), train["log_prob"], strict=True))
+            logp = dict(zip(train_ids, train_logp, strict=True))
             for site in sorted(set(sites.values())):
                 vals = [logp[sid] for sid, st in sites.items() if st == site and sid in logp]
                 if len(vals) >= int(min_site_volumes):
                     self.site_logp[site] = np.sort(np.asarray(vals, dtype=np.float64))
             for site, vals in self.site_logp.items():
-                self.thresholds[f"review_log_density[{site}]"] = float(
-                    np.quantile(vals, review_tau)
-                )
-                self.thresholds[f"fail_log_density[{site}]"] = float(np.quantile(vals, fail_tau))
+                review = float(np.quantile(vals, review_tau))
+                fail = float(np.quantile(vals, fail_tau))
+                self.site_thr[site] = (review, fail)
+                self.thresholds[f"review_log_density[{site}]"] = review
+                self.thresholds[f"fail_log_density[{site}]"] = fail
 
     def _training_sites(self) -> dict[str, str]:
         """``scan_id -> site`` of the training volumes (re-discovered from the model's data)."""
@@ -124,8 +124,7 @@ class DensityScorer:
         if ref is None:
             ref, review_thr, fail_thr = self.train_logp, self.review_thr, self.fail_thr
         else:
-            review_thr = float(np.quantile(ref, self.review_tau))
-            fail_thr = float(np.quantile(ref, self.fail_tau))
+            review_thr, fail_thr = self.site_thr[site]
         pct = 100.0 * float(np.searchsorted(ref, logp, side="right")) / len(ref)
         decision = "fail" if logp < fail_thr else "review" if logp < review_thr else "pass"
         row = {f"m_{j + 1}": float(v) for j, v in enumerate(m.tolist())}
@@ -272,10 +271,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not ok.any():
         raise QCFlowError(f"{out}: no scan could be scored ({len(table)} failed); see the table")
     thresholds = {k: v for s in scorers for k, v in getattr(s, "thresholds", {}).items()}
-    for rel in (f"thumbs/{sid}.png" for sid in table["scan_id"]):  # resumed flagged scans
-        sid = Path(rel).stem
-        if sid not in thumbs and (out_dir / rel).is_file():
-            thumbs[sid] = rel
     plot = None
     for scorer in scorers:
         if isinstance(scorer, DensityScorer):
