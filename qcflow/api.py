@@ -1,106 +1,139 @@
-"""Python API for notebooks and pipelines: no Hydra, no BIDS required.
+"""Python API for notebooks and pipelines: no command line, no BIDS required.
+
+:func:`score` composes the same configuration as ``python -m qcflow experiment=score`` (so the
+same models are found, from ``$QCFLOW_HOME`` / ``$QCFLOW_RUNS_DIR``) and runs the same code.
 
 Example:
     >>> import qcflow
-    >>> table = qcflow.score("/data/scans")                      # latest trained models
+    >>> table = qcflow.score("/data/scans")                          # latest trained models
     >>> table = qcflow.score(["a.nii.gz", "b.nii.gz"], models=None)  # classical measures only
     >>> table[table.qc_decision != "pass"]
+
+Pin the models for reproducible tables: pass the run folders (``models=".../flow_density/<run>"``,
+``uncertainty=".../uncertainty_student/<run>"``) instead of ``"latest"``; every row records the
+models' identity in ``model_id``.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from qcflow.data.discovery import Scan, discover_scans, strip_nifti_suffix
-from qcflow.data.preprocess import PreprocessConfig
-from qcflow.errors import ConfigError
-from qcflow.qc.scoring import IQMScorer, Scorer, score_scans
+from qcflow.data.discovery import Scan, strip_nifti_suffix
 
-__all__ = ["score", "default_runs_dir"]
+__all__ = ["score", "compose_config"]
 
 
-def default_runs_dir() -> Path:
-    """``$QCFLOW_RUNS_DIR``, else ``$QCFLOW_HOME/runs`` (``~/qcflow/runs``), as the CLI uses."""
-    if os.environ.get("QCFLOW_RUNS_DIR"):
-        return Path(os.environ["QCFLOW_RUNS_DIR"])
-    home = os.environ.get("QCFLOW_HOME") or str(Path.home() / "qcflow")
-    return Path(home) / "runs"
+@contextmanager
+def _fresh_hydra() -> Iterator[None]:
+    """Let :func:`hydra.compose` run even inside another Hydra app (its state is restored)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    gh = GlobalHydra.instance()
+    saved = gh.hydra
+    gh.clear()
+    try:
+        yield
+    finally:
+        gh.clear()
+        if saved is not None:
+            gh.initialize(saved)
 
 
-def _scans(paths_or_dir: str | Path | Sequence[str | Path]) -> list[Scan]:
-    if isinstance(paths_or_dir, (str, Path)):
-        return discover_scans(paths_or_dir)
+def compose_config(
+    overrides: Sequence[str] = (), output_dir: str | Path | None = None
+) -> DictConfig:
+    """qcflow's configuration as the CLI composes it (``conf/config.yaml`` + overrides),
+    resolved, with ``paths.output_dir`` set (default: a new temporary folder)."""
+    from hydra import compose, initialize_config_dir
+
+    from qcflow.cli import config_dir
+
+    with _fresh_hydra(), initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir or tempfile.mkdtemp(prefix="qcflow-"))
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def _scans(paths: Sequence[str | Path]) -> list[Scan]:
     scans, seen = [], set()
-    for p in paths_or_dir:
+    for p in paths:
         sid = strip_nifti_suffix(Path(p).name)
         base, n = sid, 1
         while sid in seen:
             n += 1
             sid = f"{base}-{n}"
         seen.add(sid)
-        scans.append(Scan(scan_id=sid, path=Path(p)))
+        scans.append(Scan(scan_id=sid, path=Path(p).absolute()))
     return scans
+
+
+def _model_overrides(key: str, path_key: str, value: str | Path | None) -> list[str]:
+    if value is None:
+        return [f"score.{key}=false"]
+    if value == "latest":
+        return [f"score.{key}=auto"]
+    return [f"score.{key}=true", f"score.{path_key}={Path(value).absolute()}"]
 
 
 def score(
     paths_or_dir: str | Path | Sequence[str | Path],
     models: str | Path | None = "latest",
+    uncertainty: str | Path | None = "latest",
     iqm: bool = True,
     output: str | Path | None = None,
     review_tau: float = 0.05,
     fail_tau: float = 0.03,
     num_workers: int = 0,
     data: dict[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+    progress: bool = False,
 ) -> pd.DataFrame:
     """Score scans like ``python -m qcflow experiment=score`` and return the table.
 
     Args:
         paths_or_dir: a list of NIfTI files, or a BIDS dataset / folder / glob.
-        models: a ``flow_density`` run folder, ``"latest"`` (the newest one under the runs
-            folder; classical measures only when there is none) or ``None`` (no model).
+        models: method A: a ``flow_density`` run folder, ``"latest"`` (the newest one under
+            the runs folder; no density columns when there is none) or ``None`` (skip).
+        uncertainty: method B: an ``uncertainty_student`` run folder or checkpoint,
+            ``"latest"`` or ``None``.
         iqm: also compute the classical measures (snr, cnr, cjv, efc, fber).
-        output: where to write ``scores.tsv`` (default: a temporary file, removed).
+        output: folder for ``scores.tsv``, thumbnails and NIfTI maps (default: a temporary
+            folder, removed).
         review_tau, fail_tau: decision thresholds as fractions of the training distribution.
         num_workers: DataLoader workers for loading/preprocessing.
-        data: preprocessing settings when no model fixes them (``spacing``, ``fov_mm``,
-            ``shape``, ``percentiles``; defaults as in ``conf/data/default.yaml``).
+        data: ``data`` settings (``spacing``, ``fov_mm``, ``shape``, ``percentiles``, ``cache``)
+            when no model fixes them.
+        overrides: further Hydra overrides, as on the command line (e.g. ``"score.per_site=true"``).
+        progress: show a progress bar.
 
     Returns:
         One row per scan with the CLI's columns; unusable scans have ``status == "error"``.
     """
-    from qcflow.tasks.score import DensityScorer
+    from qcflow.tasks.score import score_dataset
 
-    scorers: list[Scorer] = []
-    flow_run: Path | None = None
-    if models == "latest":
-        base = default_runs_dir() / "flow_density"
-        runs = sorted(base.glob("**/flow.pt"), key=lambda p: p.stat().st_mtime)
-        flow_run = runs[-1].parent if runs else None
-    elif models is not None:
-        flow_run = Path(models)
-    dcfg = {"spacing": 2.0, "fov_mm": [192, 224, 192], "shape": None, "percentiles": [0.5, 99.5]}
-    dcfg.update(data or {})
-    pcfg = PreprocessConfig.from_data_cfg(OmegaConf.create(dcfg))
-    if flow_run is not None:
-        density = DensityScorer(flow_run, review_tau=review_tau, fail_tau=fail_tau)
-        scorers.append(density)
-        if density.data:
-            pcfg = PreprocessConfig.from_data_cfg(OmegaConf.create(density.data))
-    if iqm:
-        scorers.append(IQMScorer())
-    if not scorers:
-        raise ConfigError("nothing to score: give models or set iqm=True")
-    scans = _scans(paths_or_dir)
-    if output is not None:
-        return score_scans(scans, scorers, output, pcfg, num_workers=num_workers, progress=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        return score_scans(
-            scans, scorers, Path(tmp) / "scores.tsv", pcfg, num_workers=num_workers, progress=False
-        )
+    ov = ["experiment=score", f"score.iqm={bool(iqm)}"]
+    ov += _model_overrides("density", "flow_run", models)
+    ov += _model_overrides("uncertainty", "student_ckpt", uncertainty)
+    ov += [f"score.review_tau={review_tau}", f"score.fail_tau={fail_tau}"]
+    ov += [f"data.num_workers={int(num_workers)}"]
+    scans: list[Scan] | None = None
+    if isinstance(paths_or_dir, (str, Path)):
+        ov.append(f"data.root={Path(paths_or_dir).absolute()}")
+    else:
+        scans = _scans(paths_or_dir)
+    ov += [f"data.{k}={v}" for k, v in (data or {}).items()]
+    ov += list(overrides)
+    with tempfile.TemporaryDirectory(prefix="qcflow-score-") as tmp:
+        cfg = compose_config(ov, output or tmp)
+        table, _ = score_dataset(cfg, scans=scans, progress=progress)
+    assert table is not None  # single process
+    return table

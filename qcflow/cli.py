@@ -94,9 +94,12 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
         results = module.run(cfg) or {}
     finally:
         finish_wandb()  # every (multirun) job gets its own W&B run
-    out_dir = Path(cfg.paths.output_dir)
-    atomic_write_json(out_dir / "metrics.json", results)
-    log.info("results written to %s", out_dir / "metrics.json")
+    from pytorch_lightning.utilities import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:  # other DDP ranks share the run folder
+        out_dir = Path(cfg.paths.output_dir)
+        atomic_write_json(out_dir / "metrics.json", results)
+        log.info("results written to %s", out_dir / "metrics.json")
     return results
 
 

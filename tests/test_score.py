@@ -143,10 +143,10 @@ def test_python_api_list_of_files(mixed, tmp_path: Path) -> None:
 
     folder, _ = mixed
     files = [folder / "good0.nii.gz", folder / "bad" / "nan.nii.gz", folder / "good1.nii.gz"]
-    table = qcflow.score(files, models=None, output=tmp_path / "api.tsv")
+    table = qcflow.score(files, models=None, output=tmp_path / "api")
     assert list(table.scan_id) == ["good0", "nan", "good1"]
     assert list(table.status) == ["ok", "error", "ok"]
     assert "NaN" in table.error[1]
-    assert ScoreTable.read(tmp_path / "api.tsv").shape[0] == 3
+    assert ScoreTable.read(tmp_path / "api" / "scores.tsv").shape[0] == 3
     with pytest.raises(Exception, match="nothing to score"):
         qcflow.score(files, models=None, iqm=False)

@@ -10,21 +10,28 @@ scorer on every scan:
   interrupted run (Ctrl-C, a killed job) leaves a valid partial ``scores.tsv``;
 * with ``previous`` rows (resume), a scan whose file content (SHA-1) and model identity are
   unchanged is not scored again;
-* loading and preprocessing run in DataLoader workers (``num_workers``); rows keep scan order.
+* loading and preprocessing run in DataLoader workers (``num_workers``); rows keep scan order;
+* prediction runs through Lightning (:class:`ScoringModule` + :class:`ScoreWriter`), so a
+  ``trainer`` with ``strategy=ddp`` and ``devices=N`` spreads the scans over N processes
+  (each writes its rows; rank 0 merges them) with the same rows as one process.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 import pandas as pd
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from qcflow.data.discovery import Scan
@@ -38,7 +45,12 @@ __all__ = [
     "Scorer",
     "IQMScorer",
     "ScoringDataset",
+    "ScoringModule",
     "ScoreTable",
+    "ScoreWriter",
+    "default_trainer",
+    "quiet_lightning",
+    "rank_table_path",
     "models_identity",
     "score_scans",
 ]
@@ -85,22 +97,25 @@ def models_identity(scorers: Iterable[Scorer], pcfg: PreprocessConfig) -> str:
 class ScoringDataset(Dataset):
     """Loads and preprocesses scans; a bad scan yields ``error`` instead of raising.
 
-    Items: ``{"scan", "file_sha1", "image" | None, "affine" | None, "error": str}``.
+    Items: ``{"scan", "file_sha1", "image" | None, "affine" | None, "views", "error": str}``.
+    ``image``/``affine`` come from the first cache; ``views`` maps every cache's
+    preprocessing key to ``{"image", "affine"}`` (scorers trained with other preprocessing
+    read their own view).
 
     Args:
         scans: the scans to load.
-        cache: preprocessing (and its optional on-disk cache).
+        cache: preprocessing (and its optional on-disk cache), or several (first = default).
         digests: the files' SHA-1 when already computed (one read of each file saved).
     """
 
     def __init__(
         self,
         scans: Sequence[Scan],
-        cache: PreprocessCache,
+        cache: PreprocessCache | Sequence[PreprocessCache],
         digests: Sequence[str] | None = None,
     ) -> None:
         self.scans = list(scans)
-        self.cache = cache
+        self.caches = [cache] if isinstance(cache, PreprocessCache) else list(cache)
         self.digests = list(digests) if digests is not None else [""] * len(self.scans)
 
     def __len__(self) -> int:
@@ -109,19 +124,151 @@ class ScoringDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         scan = self.scans[index]
         item: dict[str, Any] = {"scan": scan, "file_sha1": "", "image": None, "affine": None}
-        item["error"] = ""
+        item.update(views={}, error="")
         try:
             if not Path(scan.path).is_file():
                 raise ScanError(scan.path, "file not found")
             item["file_sha1"] = self.digests[index] or file_digest(scan.path)
-            out = self.cache.load(scan, with_label=False, digest=item["file_sha1"])
-            item["image"], item["affine"] = out["image"], out["affine"]
+            for cache in self.caches:
+                out = cache.load(scan, with_label=False, digest=item["file_sha1"])
+                item["views"][cache.pcfg.key()] = {"image": out["image"], "affine": out["affine"]}
+            first = item["views"][self.caches[0].pcfg.key()]
+            item["image"], item["affine"] = first["image"], first["affine"]
         except ScanError as exc:
             item["error"] = exc.reason
         except Exception as exc:  # never let one scan end the batch
             item["error"] = f"unexpected error while loading: {type(exc).__name__}: {exc}"
             item["error"] = item["error"].splitlines()[0]
         return item
+
+
+def _single(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Collate for ``batch_size=1``: the item itself (scans differ in what they carry)."""
+    return batch[0]
+
+
+class ScoringModule(pl.LightningModule):
+    """Runs every scorer on one scan per ``predict_step`` and returns the row.
+
+    The scorers' networks are moved to the module's device at the start of prediction (a
+    scorer exposes them through an optional ``to(device)``); a scan's tensors are moved in
+    :meth:`transfer_batch_to_device`. A scorer's exception becomes an ``error`` row.
+    Row keys starting with ``_`` are not table columns: they are handed to the writer's
+    ``on_row`` in ``item["extras"]``.
+    """
+
+    def __init__(self, scorers: Sequence[Scorer], model_id: str) -> None:
+        super().__init__()
+        self.scorers = list(scorers)
+        self.model_id = model_id
+
+    def on_predict_start(self) -> None:
+        for scorer in self.scorers:
+            if hasattr(scorer, "to"):
+                scorer.to(self.device)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, idx: int) -> Any:
+        def move(d: dict[str, Any]) -> dict[str, Any]:
+            return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+
+        out = move(batch)
+        out["views"] = {k: move(v) for k, v in batch.get("views", {}).items()}
+        return out
+
+    def predict_step(self, item: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
+        scan: Scan = item["scan"]
+        row: dict[str, Any] = {
+            "scan_id": scan.scan_id,
+            "path": str(scan.path),
+            "site": scan.site or "",
+            "file_sha1": item["file_sha1"],
+            "model_id": self.model_id,
+            "status": "ok",
+            "error": "",
+        }
+        if item["error"]:
+            row.update(status="error", error=item["error"])
+            return row
+        try:
+            for scorer in self.scorers:
+                view = item["views"].get(getattr(scorer, "preprocess_key", None))
+                row.update(scorer({**item, **view} if view else item))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            reason = f"scoring failed: {type(exc).__name__}: {exc}".splitlines()[0]
+            row = {k: row[k] for k in (*BASE_COLUMNS, "file_sha1", "model_id")}
+            row.update(status="error", error=reason)
+            log.warning("%s: %s", scan.path, reason)
+        return row
+
+
+def rank_table_path(path: Path, rank: int) -> Path:
+    """Where rank ``rank`` of a multi-process run writes its rows (rank 0: ``path`` itself)."""
+    return path if rank == 0 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+class ScoreWriter(BasePredictionWriter):
+    """Adds each predicted row to this rank's :class:`ScoreTable` (flushed incrementally and
+    on an exception) and calls ``on_row(row, item)``."""
+
+    def __init__(
+        self,
+        table: ScoreTable,
+        on_row: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        self.table = table
+        self.on_row = on_row
+        self.new = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.table.path = rank_table_path(self.table.path, trainer.global_rank)
+
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        extras = {k: prediction.pop(k) for k in [k for k in prediction if k.startswith("_")]}
+        self.table.add(prediction)
+        self.new += 1
+        if self.on_row is not None:
+            self.on_row(prediction, {**batch, "extras": extras})
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.table.flush()  # Ctrl-C or a crash: a valid partial table
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        self.table.flush()
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's start-up banner (GPU/TPU availability, tips) and a torch pytree
+    deprecation warning it triggers; warnings and errors still show."""
+    import warnings
+
+    banner = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    level = banner.level
+    banner.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
+            yield
+    finally:
+        banner.setLevel(level)
+
+
+def default_trainer(progress: bool) -> pl.Trainer:
+    """A single-process CPU trainer for scoring (no logger, no checkpoints)."""
+    with quiet_lightning():
+        return pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=progress,
+        )
 
 
 class ScoreTable:
@@ -192,14 +339,16 @@ def score_scans(
     flush_every: int = 10,
     progress: bool | None = None,
     on_row: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
-) -> pd.DataFrame:
+    trainer: pl.Trainer | None = None,
+) -> pd.DataFrame | None:
     """Score every scan with every scorer; see the module docstring for the guarantees.
 
     Args:
         scans: what to score (order kept in the table).
-        scorers: column producers; their columns follow ``scan_id, path, site``.
+        scorers: column producers; their columns follow ``scan_id, path, site``. A scorer with
+            a ``preprocess`` attribute (a :class:`PreprocessConfig`) gets its own view.
         table_path: the ``scores.tsv`` written incrementally.
-        pcfg: preprocessing settings (part of the model identity).
+        pcfg: default preprocessing settings (part of the model identity).
         cache_dir: preprocessing cache (None: no cache).
         previous: an earlier table to resume from (rows with the same file content and
             model identity are kept, not recomputed).
@@ -208,11 +357,21 @@ def score_scans(
         progress: show a progress bar with ETA (default: when stderr is a terminal).
         on_row: called as ``on_row(row, item)`` for every newly scored scan (``item`` holds
             the preprocessed ``image``; e.g. to write thumbnails or per-scan maps).
+        trainer: the Lightning trainer that runs prediction (default: one CPU process). With
+            several processes (``strategy=ddp``, ``devices=N``) each rank scores its share
+            into ``scores.rank<r>.tsv``; rank 0 merges them into ``table_path``.
 
     Returns:
-        The final table. On KeyboardInterrupt the partial table is flushed, then it re-raises.
+        The final table (``None`` on ranks other than 0). After Ctrl-C the partial table is
+        flushed, then KeyboardInterrupt is raised.
     """
     columns = [c for s in scorers for c in s.columns]
+    caches = [PreprocessCache(cache_dir, pcfg)]
+    for scorer in scorers:
+        own = getattr(scorer, "preprocess", None)
+        if own is not None and own.key() not in {c.pcfg.key() for c in caches}:
+            caches.append(PreprocessCache(cache_dir, own))
+        scorer.preprocess_key = (own or pcfg).key()  # type: ignore[attr-defined]
     model_id = models_identity(scorers, pcfg)
     table = ScoreTable(table_path, columns, flush_every)
     table.order = [scan.scan_id for scan in scans]
@@ -231,46 +390,44 @@ def score_scans(
     if reusable:
         log.info("resume: %d of %d scans already scored", len(scans) - len(todo), len(scans))
 
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    trainer = trainer if trainer is not None else default_trainer(show)
+    writer = ScoreWriter(table, on_row)
+    trainer.callbacks.append(writer)
     loader = DataLoader(
-        ScoringDataset(todo, PreprocessCache(cache_dir, pcfg), digests),
-        batch_size=None,  # one scan at a time, no collation
+        ScoringDataset(todo, caches, digests),
+        batch_size=1,
+        collate_fn=_single,
         num_workers=num_workers,
         shuffle=False,
     )
-    show = sys.stderr.isatty() if progress is None else progress
-    iterator: Iterable[dict[str, Any]] = loader
-    if show and todo:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(loader, total=len(todo), desc="scoring", unit="scan", file=sys.stderr)
     t0 = time.perf_counter()
+    handler = signal.getsignal(signal.SIGINT)
     try:
-        for item in iterator:
-            scan: Scan = item["scan"]
-            row: dict[str, Any] = {
-                "scan_id": scan.scan_id,
-                "path": str(scan.path),
-                "site": scan.site or "",
-                "file_sha1": item["file_sha1"],
-                "model_id": model_id,
-                "status": "ok",
-                "error": "",
-            }
-            if item["error"]:
-                row.update(status="error", error=item["error"])
-            else:
-                try:
-                    with torch.inference_mode():
-                        for scorer in scorers:
-                            row.update(scorer(item))
-                except Exception as exc:
-                    reason = f"scoring failed: {type(exc).__name__}: {exc}".splitlines()[0]
-                    row.update(status="error", error=reason)
-                    log.warning("%s: %s", scan.path, reason)
-            table.add(row)
-            if on_row is not None:
-                on_row(row, item)
+        if todo:
+            with quiet_lightning():
+                module = ScoringModule(scorers, model_id)
+                trainer.predict(module, loader, return_predictions=False)
+        else:
+            table.flush()
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) after on_exception
+            raise KeyboardInterrupt from None
+        raise
     finally:
-        table.flush()  # also on Ctrl-C: a valid partial table
-    log.info("scored %d scans in %.1f s", len(todo), time.perf_counter() - t0)
+        signal.signal(signal.SIGINT, handler)  # Lightning leaves SIGINT ignored after Ctrl-C
+        trainer.callbacks.remove(writer)
+    log.info("scored %d scans in %.1f s", writer.new, time.perf_counter() - t0)
+    if trainer.world_size > 1:
+        trainer.strategy.barrier("qcflow-score-merge")
+        if trainer.global_rank != 0:
+            return None
+        for rank in range(1, trainer.world_size):
+            part = rank_table_path(table.path, rank)
+            for row in ScoreTable.read(part).astype(object).to_dict("records"):
+                table.rows[str(row["scan_id"])] = {
+                    k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()
+                }
+            part.unlink()
+        table.flush()
     return table.frame()

@@ -1,0 +1,103 @@
+"""Per-scan NIfTI maps in a BIDS-derivatives-style layout (``<out>/derivatives/qcflow``).
+
+Layout (``<d>`` = ``derivatives/qcflow/sub-001/[ses-01/]anat/<scan_id>``)::
+
+    derivatives/qcflow/dataset_description.json
+    <d>_desc-gm_dseg.nii.gz                 segmentation (1 = grey matter)
+    <d>_desc-<source>_uncertainty.nii.gz    variance map per source
+    <d>_desc-artifact_uncertainty.nii.gz    sum over the artifact kinds
+    <d>_desc-entropy_uncertainty.nii.gz     entropy of softmax(f / sigma^2)
+    <d>_qc.json                             the scan's numbers and file list
+
+``<source>`` is ``task`` and each artifact kind (variance maps sigma^2); ``artifact`` is their
+sum over the artifact kinds. Scans outside BIDS (no subject) go to ``<scan_id>/``. Maps are on the
+preprocessed grid (RAS, ``data.spacing``, cropped to ``data.shape``) with its scanner-space affine,
+so viewers overlay them on the original scan. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from qcflow.data.discovery import Scan
+from qcflow.utils.io import atomic_path, atomic_write_json
+
+__all__ = ["DERIVATIVES", "scan_folder", "write_maps", "write_description"]
+
+#: derivatives folder under a scoring run
+DERIVATIVES = Path("derivatives") / "qcflow"
+
+
+def scan_folder(scan: Scan) -> Path:
+    """The scan's folder relative to the derivatives root (BIDS entities when known)."""
+    if scan.subject:
+        folder = Path(f"sub-{scan.subject}")
+        if scan.session:
+            folder = folder / f"ses-{scan.session}"
+        return folder / "anat"
+    return Path(scan.scan_id)
+
+
+def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    img.header.set_xyzt_units("mm")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(gzip.compress(img.to_bytes(), compresslevel=1))
+
+
+def write_description(root: str | Path) -> Path:
+    """``dataset_description.json`` of the derivatives folder (BIDS derivative metadata)."""
+    from qcflow import __version__
+
+    path = Path(root) / "dataset_description.json"
+    if not path.is_file():
+        atomic_write_json(
+            path,
+            {
+                "Name": "qcflow uncertainty maps",
+                "BIDSVersion": "1.9.0",
+                "DatasetType": "derivative",
+                "GeneratedBy": [{"Name": "qcflow", "Version": __version__}],
+                "Labels": {"dseg": {"0": "background", "1": "grey matter"}},
+            },
+        )
+    return path
+
+
+def write_maps(
+    root: str | Path,
+    scan: Scan,
+    pred: Mapping[str, Tensor],
+    sources: Sequence[str],
+    affine: np.ndarray,
+    summary: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """Write one scan's segmentation and variance maps; returns ``name -> path`` (relative to
+    ``root``)."""
+    root = Path(root)
+    folder = scan_folder(scan)
+    maps: dict[str, tuple[str, Tensor]] = {"seg": ("desc-gm_dseg", pred["segmentation"])}
+    for source in sources:
+        maps[f"var-{source}"] = (f"desc-{source}_uncertainty", pred[f"var_{source}"])
+    maps["var-artifact"] = ("desc-artifact_uncertainty", pred["var_artifact"])
+    maps["entropy"] = ("desc-entropy_uncertainty", pred["entropy"])
+    files: dict[str, str] = {}
+    for name, (entities, tensor) in maps.items():
+        arr = tensor.detach().to("cpu", torch.float32).numpy()
+        arr = arr.astype(np.uint8) if name == "seg" else arr
+        rel = folder / f"{scan.scan_id}_{entities}.nii.gz"
+        _save_nifti(root / rel, arr, affine)
+        files[name] = str(rel)
+    record = {"scan_id": scan.scan_id, "source_file": str(scan.path), "sources": list(sources)}
+    record.update({**dict(summary or {}), "files": files})
+    atomic_write_json(root / folder / f"{scan.scan_id}_qc.json", record)
+    return files
