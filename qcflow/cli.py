@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qcflow.errors import ConfigError, QCFlowError
 from qcflow.utils.io import atomic_write_json
-from qcflow.utils.wandb import finish_wandb
+from qcflow.utils.wandb import finish_wandb, log_summary
 
 __all__ = ["main", "run_task", "config_dir", "available_tasks", "TASKS"]
 
@@ -74,10 +74,13 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("qcflow_uid", lambda: secrets.token_hex(3), use_cache=True)
     if not OmegaConf.has_resolver("qcflow_experiments"):
         OmegaConf.register_new_resolver("qcflow_experiments", _experiments_help)
-    if not OmegaConf.has_resolver("qcflow_wandb_offline"):
-        from qcflow.utils.wandb import run_group, wandb_offline
+    if not OmegaConf.has_resolver("qcflow_wandb_mode"):
+        from qcflow.utils.wandb import run_group, wandb_mode, wandb_offline
 
         OmegaConf.register_new_resolver("qcflow_wandb_offline", wandb_offline)
+        OmegaConf.register_new_resolver("qcflow_wandb_mode", wandb_mode)
+        # checkpoints become model artifacts only online (offline they cannot be uploaded)
+        OmegaConf.register_new_resolver("qcflow_wandb_log_model", lambda mode: mode == "online")
         OmegaConf.register_new_resolver("qcflow_run_group", run_group)
 
 
@@ -92,6 +95,7 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
     module = importlib.import_module(f"qcflow.tasks.{task}")
     try:
         results = module.run(cfg) or {}
+        log_summary(cfg, results)  # W&B runs table: the task's numbers (a no-op without W&B)
     finally:
         finish_wandb()  # every (multirun) job gets its own W&B run
     from pytorch_lightning.utilities import rank_zero_only

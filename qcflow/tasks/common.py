@@ -60,6 +60,9 @@ def build_trainer(
 ) -> pl.Trainer:
     """A ``pl.Trainer`` from ``cfg.trainer`` with the configured loggers and callbacks.
 
+    With a W&B logger, :class:`~qcflow.lit.callbacks.WandbMedia` is added: the run gets the
+    resolved config, the figures the module writes to ``<run>/figures`` and artifact examples.
+
     Args:
         cfg: the composed config.
         callbacks: extra callbacks (e.g. a method's schedule) added after the configured ones.
@@ -67,6 +70,15 @@ def build_trainer(
     """
     loggers = build_loggers(cfg)
     all_callbacks = [*build_callbacks(cfg), *callbacks]
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        from omegaconf import OmegaConf
+
+        from qcflow.lit.callbacks import WandbMedia
+
+        # the dashboard: resolved config, figures of <run>/figures, artifact examples
+        config = OmegaConf.to_container(cfg, resolve=True)
+        figures = Path(str(cfg.paths.output_dir)) / "figures"
+        all_callbacks.append(WandbMedia(figures, config))  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {"logger": loggers or False, "callbacks": all_callbacks}
     kwargs.update(overrides)
     return instantiate(cfg.trainer, **kwargs)

@@ -28,6 +28,7 @@ from qcflow.models.encoder import volume_code
 from qcflow.models.flow import DensityFlow, fit_flow, tau_key
 from qcflow.tasks.common import resolve_checkpoint, seed_all
 from qcflow.tasks.encoder_contrastive import set_threads, skipped_report
+from qcflow.utils.wandb import log_table
 
 __all__ = ["run", "load_encoder", "embed_volumes", "load_flow", "write_codes", "read_codes"]
 
@@ -136,6 +137,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logp = density.log_prob(m).double().numpy()
     ids = [s.scan_id for s in dm.scans]
     write_codes(out / "codes_train.tsv", ids, codes, logp)
+    log_table(cfg, "flow/codes_train", out / "codes_train.tsv")  # logger=wandb, else a no-op
     torch.save(
         {
             "state_dict": density.state_dict(),

@@ -34,6 +34,7 @@ from qcflow.qc import detection as det
 from qcflow.tasks.encoder_contrastive import set_threads, skipped_report
 from qcflow.tasks.flow_density import embed_volumes, load_encoder, load_flow, read_codes
 from qcflow.utils.runs import find_latest_run
+from qcflow.utils.wandb import log_images, log_table
 
 __all__ = ["run", "read_artifact_table"]
 
@@ -256,6 +257,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     (out / "scores.tsv").write_text("\n".join(lines) + "\n")
     if ecfg.get("figures", True) and codes.shape[1] == 2:
         _figures(out / "figures", density, flow_run, codes, z, kinds, curves)
+    # logger=wandb: the figures and the per-scan table on the dashboard (else a no-op)
+    log_images(cfg, {f"eval/{p.stem}": p for p in sorted((out / "figures").glob("*.png"))})
+    log_table(cfg, "eval/scores", out / "scores.tsv")
     results["flow_run"] = str(flow_run)
     results["skipped"] = [r for s in sets for r in skipped_report(s["dm"])]
     results["total_seconds"] = round(time.perf_counter() - t0, 1)

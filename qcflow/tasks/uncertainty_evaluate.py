@@ -31,6 +31,7 @@ from qcflow.qc.iqm import compute_iqms, head_mask
 from qcflow.qc.segmentation import predict_volume, spearman, summarize_prediction, write_prediction
 from qcflow.tasks.common import resolve_checkpoint, seed_all
 from qcflow.utils.stages import load_stage
+from qcflow.utils.wandb import log_images, log_table
 
 __all__ = ["run", "severity_value", "decoupling_matrix"]
 
@@ -171,7 +172,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     import pandas as pd
 
-    pd.DataFrame(rows).to_csv(out_dir / "scans.tsv", sep="\t", index=False)
+    table = pd.DataFrame(rows)
+    table.to_csv(out_dir / "scans.tsv", sep="\t", index=False)
+    log_table(cfg, "eval/scans", table)  # logger=wandb: on the dashboard (else a no-op)
     dices = [r["dice"] for r in rows]
     results: dict[str, Any] = {
         # relative to the runs folder (absolute paths would not open on a reader's machine)
@@ -201,6 +204,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if ecfg.get("figures", True):
         figures = save_figures(rows, examples, sources, out_dir / "figures")
         results["figures"] = [_relative(f, out_dir) for f in figures]
+        log_images(cfg, {f"eval/{Path(f).stem}": f for f in figures})
     return results
 
 
