@@ -102,3 +102,87 @@ def test_slurm_launcher_one_task_per_device() -> None:
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.tasks_per_node == 4 and launcher.gpus_per_node == 4
     assert cfg.trainer.strategy == "ddp"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ddp_env() -> dict[str, str]:
+    """The test environment without any leftover rendezvous/rank variables, on a free port."""
+    import os
+
+    drop = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"}
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("PL_")}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", MASTER_ADDR="127.0.0.1")
+    env["MASTER_PORT"] = str(_free_port())
+    return env
+
+
+def _state_sha(state: dict) -> str:
+    """SHA-256 of a state dict, as :class:`qcflow.lit.callbacks.DDPProbe` computes it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in sorted(state.items()):
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_segmentation_ddp_two_processes(small_embedded: Path, tmp_path: Path) -> None:
+    """Method B's task U-Net with 2 CPU processes (gloo), in a subprocess on a free port: each
+    rank trains on its own subjects, the replicas end identical (and equal to the checkpoint),
+    the epsilon schedule halves on both at once, and only rank 0 writes the run's outputs."""
+    import math
+    import subprocess
+    import sys
+
+    import torch
+
+    from tests.test_uncertainty_cli import TINY as TINY_UNET
+
+    run_dir, probe, epochs = tmp_path / "run", tmp_path / "probe", 3
+    cmd = [
+        sys.executable, "-m", "qcflow", "experiment=uncertainty_task", *TINY_UNET,
+        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        f"trainer.max_epochs={epochs}", "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        # a plateau is declared at epoch 2 whatever the loss: both ranks must halve together
+        "uncertainty.schedule.patience=1", "uncertainty.schedule.min_delta=10",
+        "+callbacks.probe._target_=qcflow.lit.callbacks.DDPProbe",
+        f"+callbacks.probe.folder={probe}", f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    res = subprocess.run(
+        cmd, cwd=tmp_path, env=_ddp_env(), capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    steps = ranks[0]["global_step"]
+    assert steps > 0 and ranks[1]["global_step"] == steps
+    # the same weights, schedule state and learning rate on both ranks, and in the checkpoint
+    assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert _state_sha(ckpt["state_dict"]) == ranks[0]["params_sha256"]
+    assert ranks[0]["eps"] == ranks[1]["eps"] == 0.025  # halved once, at epoch 2
+    assert ranks[0]["lr"] == ranks[1]["lr"]
+    # different data: within every epoch the ranks' subjects are disjoint
+    per_epoch = steps // epochs
+    for e in range(epochs):
+        subjects = [
+            {item.split("@")[0] for batch in r["batches"][e * per_epoch : (e + 1) * per_epoch]
+             for item in batch}
+            for r in ranks
+        ]  # fmt: skip
+        assert subjects[0] and subjects[1] and not subjects[0] & subjects[1], (e, subjects)
+    # the run's outputs come from rank 0 only
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert math.isfinite(metrics["train/loss"]) and metrics["global_step"] == steps
+    assert "results written" in (run_dir / "cli.log").read_text()
+    assert "results written" not in (run_dir / "train_ddp_process_1.log").read_text()
+    assert [p.name for p in run_dir.rglob("metrics.csv")] == ["metrics.csv"]

@@ -12,6 +12,7 @@ subject land on the same side) and depends only on ``seed``.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torchio as tio
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from qcflow.data.datasets import PatchSubjectsDataset, SliceDataset, VolumeDataset
 from qcflow.data.discovery import Scan, discover_scans, resolve_data_root
@@ -200,17 +201,36 @@ class PatchDataModule(ScanDataModule):
         self.transform = transform
 
     def _queue(self, scans: Sequence[Scan], train: bool) -> tio.Queue:
+        """The patch queue; under DDP each rank's queue holds only its share of the subjects.
+
+        A ``tio.Queue`` ignores the index it is asked for, so the ``DistributedSampler``
+        Lightning would put around it splits nothing: every rank (same seed) drew the same
+        patches. Instead the subjects are split by a ``DistributedSampler`` (TorchIO's
+        ``subject_sampler``; padded so every rank takes the same number of steps) and the
+        patch loader keeps all of its rank's patches (:class:`_RankQueueSampler`).
+        """
         subjects = PatchSubjectsDataset(self._volumes(scans), self.transform if train else None)
         patch = tuple(int(p) for p in self.cfg.get("patch_size", [64, 64, 64]))
         spv = int(self.cfg.get("samples_per_volume", 8))
+        trainer = getattr(self, "trainer", None)  # set by Lightning when it uses the module
+        subject_sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            subject_sampler = DistributedSampler(
+                subjects,
+                num_replicas=trainer.world_size,
+                rank=trainer.global_rank,
+                shuffle=train,
+                seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),  # the same order on every rank
+            )
         return tio.Queue(
             subjects,
             max_length=max(int(self.cfg.get("queue_length", 64)), spv),
             samples_per_volume=spv,
             sampler=tio.UniformSampler(patch),
+            subject_sampler=subject_sampler,
             # the queue has its own workers; the DataLoader around it must use none (PITFALLS)
             num_workers=int(self.cfg.get("num_workers", 0)),
-            shuffle_subjects=train,
+            shuffle_subjects=train and subject_sampler is None,
             shuffle_patches=train,
             verbose=False,
         )
@@ -220,9 +240,11 @@ class PatchDataModule(ScanDataModule):
         return _patch_collate(batch)
 
     def _patch_loader(self, queue: tio.Queue) -> DataLoader:
+        ranked = queue.subject_sampler is not None
         return DataLoader(
             queue,
             batch_size=int(self.cfg.get("batch_size", 2)),
+            sampler=_RankQueueSampler(queue) if ranked else None,
             num_workers=0,
             collate_fn=self._collate,
         )
@@ -232,6 +254,23 @@ class PatchDataModule(ScanDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._patch_loader(self._queue(self.val_scans, train=False))
+
+
+class _RankQueueSampler(DistributedSampler):
+    """Every patch index of one rank's queue, in order (the queue shuffles its patches).
+
+    A ``DistributedSampler`` of one replica only so that Lightning leaves it alone (it would
+    otherwise halve the rank's already split queue); ``set_epoch``, which Lightning calls every
+    epoch, reaches the queue's subject sampler so the subjects are reshuffled per epoch.
+    """
+
+    def __init__(self, queue: tio.Queue) -> None:
+        super().__init__(queue, num_replicas=1, rank=0, shuffle=False)
+        self.subject_sampler = queue.subject_sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.subject_sampler.set_epoch(epoch)
 
 
 def _patch_collate(batch: list[tio.Subject]) -> dict[str, Any]:
