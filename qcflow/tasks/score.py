@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,7 @@ def build_scorers(cfg: DictConfig, maps_dir: Path | None = None) -> list[Scorer]
                 ckpt,
                 roi_size=list(roi) if roi else None,
                 overlap=float(cfg.score.get("uncertainty_overlap", 0.25)),
-                sw_batch_size=int(cfg.score.get("uncertainty_sw_batch_size", 4)),
+                sw_batch_size=int(cfg.score.get("uncertainty_sw_batch_size", 16)),
                 maps_dir=maps_dir if cfg.score.get("maps", True) else None,
             )
         )
@@ -189,6 +190,8 @@ def score_dataset(
     out_dir = Path(cfg.paths.output_dir)
     if scans is None:
         scans = discover_scans(resolve_data_root(cfg.data), cfg.data.get("pattern"))
+    if cfg.score.get("max_scans"):
+        scans = list(scans)[: int(cfg.score.max_scans)]
     maps_dir = out_dir / DERIVATIVES
     scorers = build_scorers(cfg, maps_dir=maps_dir)
     pcfg = PreprocessConfig.from_data_cfg(cfg.data)
@@ -250,11 +253,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     progress = cfg.score.get("progress")
     progress = sys.stderr.isatty() if progress is None else bool(progress)
     trainer = build_score_trainer(cfg, progress)
+    t0 = time.perf_counter()
     try:
         table, scorers = score_dataset(cfg, trainer=trainer, progress=progress)
     except KeyboardInterrupt:
         print(f"qcflow: interrupted; partial table in {out}", file=sys.stderr)
         sys.exit(130)
+    seconds = time.perf_counter() - t0
     if table is None:  # another rank of a multi-process run: rank 0 reports
         return {"global_rank": trainer.global_rank}
     ok = table["status"] == "ok"
@@ -289,4 +294,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "n_error": len(errors),
         "scores_tsv": str(out),
         "world_size": trainer.world_size,
+        # discovery, model loading and scoring (loading + preprocessing + every scorer)
+        "score_seconds": round(seconds, 2),
     }
