@@ -155,6 +155,25 @@ def test_train_flow_evaluate_cli(small_embedded: Path, tmp_path: Path) -> None:
     assert by_site.threshold_scope.str.startswith("site:").all()
     assert any(k.startswith("fail_log_density[") for k in site["thresholds"])
 
+    # a folder of good scans plus every kind of bad file: a row each, decisions for the good ones
+    import shutil
+
+    from qcflow.testing import write_bad_scans
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for src in sorted((small_embedded / "test_clean").glob("sub-*/anat/*_T1w.nii.gz"))[:2]:
+        shutil.copy(src, mixed / src.name)
+    reasons = write_bad_scans(mixed / "bad")
+    mx = stage("score", f"data.root={mixed}", "score.density=true")
+    scored = ScoreTable.read(Path(mx["scores_tsv"]))
+    ok = scored[scored.status == "ok"]
+    assert len(ok) == 2 and ok.qc_decision.isin(["pass", "review", "fail"]).all()
+    bad = scored[scored.status == "error"]
+    assert len(bad) == len(scored) - 2 >= len(reasons) - 2  # a folder or link may not be listed
+    for _, row in bad.iterrows():
+        assert reasons[Path(row.path).name] in row.error and pd.isna(row.qc_decision), row.error
+
     # the Python API gives the CLI's table
     import qcflow
 

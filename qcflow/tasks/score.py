@@ -34,6 +34,7 @@ from qcflow.qc.scorers import DensityScorer, UncertaintyScorer
 from qcflow.qc.scoring import IQMScorer, Scorer, ScoreTable, quiet_lightning, score_scans
 from qcflow.tasks.common import build_loggers, resolve_checkpoint
 from qcflow.utils.runs import find_latest_run
+from qcflow.utils.wandb import log_images, log_table
 
 __all__ = [
     "run",
@@ -278,6 +279,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     thumbs = _thumbs(table, out_dir) if "qc_decision" in table else {}
     report = write_report(table, out_dir, thresholds, plot, thumbs)
     print(f"report: {report}")
+    log_table(trainer, "score/scores", table)  # W&B dashboard (a no-op for other loggers)
+    if plot:
+        log_images(trainer, {"score/density_contours": out_dir / plot})
     decisions: dict[str, int] = {}
     if "qc_decision" in table:
         counts = table.loc[ok, "qc_decision"].value_counts().to_dict()
