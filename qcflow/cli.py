@@ -2,7 +2,8 @@
 
 The CLI only composes the config and dispatches ``cfg.task`` to ``qcflow.tasks.<task>.run``,
 a plain ``run(cfg) -> dict`` function that tests call directly. The returned dict is written
-to ``metrics.json`` in the run folder. A :class:`~qcflow.errors.QCFlowError` is printed as one
+to ``metrics.json`` in the run folder; with ``optimized_metric`` set (``sweep=optuna``) the
+job returns that metric to the sweeper. A :class:`~qcflow.errors.QCFlowError` is printed as one
 line and exits with status 1 (in a multirun it is re-raised so Hydra reports the failed job).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import secrets
 import sys
 from pathlib import Path
@@ -22,7 +24,7 @@ from qcflow.errors import ConfigError, QCFlowError
 from qcflow.utils.io import atomic_write_json
 from qcflow.utils.wandb import finish_wandb, log_summary
 
-__all__ = ["main", "run_task", "config_dir", "available_tasks", "TASKS"]
+__all__ = ["main", "run_task", "objective_value", "config_dir", "available_tasks", "TASKS"]
 
 log = logging.getLogger("qcflow")
 
@@ -117,10 +119,53 @@ def _is_multirun() -> bool:
         return False
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
+def objective_value(cfg: DictConfig, results: dict[str, Any]) -> float | None:
+    """The number an optimizing sweeper (``sweep=optuna``) minimizes or maximizes.
+
+    ``cfg.optimized_metric`` names a key of the task's results (``metrics.json``); nested
+    results are addressed with dots (``baselines.snr.auroc``). ``None`` when no metric is set.
+    A diverged trial (NaN or infinite metric) gets the worst value, ``+inf`` when minimizing and
+    ``-inf`` when maximizing (``hydra.sweeper.direction``), so the study goes on (Optuna fails
+    a trial on NaN, and the sweeper then stops the whole sweep).
+
+    Raises:
+        ConfigError: the metric is not among the results or is not a number.
+    """
+    key = cfg.get("optimized_metric")
+    if not key:
+        return None
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    values = flat(results)
+    numbers = sorted(k for k, v in values.items() if isinstance(v, (int, float)))
+    if key not in values or not isinstance(values[key], (int, float)):
+        raise ConfigError(
+            f"optimized_metric={key}: not a number in the task's results; "
+            f"choose one of {', '.join(numbers)}"
+        )
+    value = float(values[key])
+    if math.isfinite(value):
+        return value
+    direction = "minimize"
     try:
-        run_task(cfg)
+        from hydra.core.hydra_config import HydraConfig
+
+        direction = str(HydraConfig.get().sweeper.get("direction", direction))
+    except Exception:  # not under Hydra (tests) or a sweeper without a direction
+        pass
+    log.warning("optimized_metric=%s is %s: the trial gets the worst value", key, value)
+    return -math.inf if direction == "maximize" else math.inf
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        return objective_value(cfg, run_task(cfg))
     except QCFlowError as exc:
         if _is_multirun():
             raise

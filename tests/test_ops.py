@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
@@ -186,3 +187,48 @@ def test_segmentation_ddp_two_processes(small_embedded: Path, tmp_path: Path) ->
     assert "results written" in (run_dir / "cli.log").read_text()
     assert "results written" not in (run_dir / "train_ddp_process_1.log").read_text()
     assert [p.name for p in run_dir.rglob("metrics.csv")] == ["metrics.csv"]
+
+
+def test_objective_value_for_optimizing_sweepers(tmp_path: Path) -> None:
+    from qcflow.cli import objective_value
+    from qcflow.errors import ConfigError
+
+    results = {"val/loss": 0.5, "n": 3, "baselines": {"snr": {"auroc": 0.7}}, "kind": "x"}
+    cfg = compose_cfg([], tmp_path)
+    assert objective_value(cfg, results) is None  # no sweep=optuna: nothing to return
+    for key, value in (("val/loss", 0.5), ("baselines.snr.auroc", 0.7), ("n", 3.0)):
+        cfg = OmegaConf.create({"optimized_metric": key})
+        assert objective_value(cfg, results) == value
+    for key in ("auroc", "kind"):
+        with pytest.raises(ConfigError, match="baselines.snr.auroc, n, val/loss"):
+            objective_value(OmegaConf.create({"optimized_metric": key}), results)
+    # a diverged trial is the worst trial, not a failed one (that would stop the sweep)
+    cfg = OmegaConf.create({"optimized_metric": "val/loss"})
+    assert objective_value(cfg, {"val/loss": float("nan")}) == float("inf")
+
+
+def test_optuna_sweep_two_trials(small_embedded: Path, tmp_path: Path) -> None:
+    """`sweep=optuna`: two encoder trials (one batch each); the sweeper gets each job's
+    val/loss and reports the better one; the search space grows from the command line."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from tests.test_iqc_pipeline import TINY, TINY_ENCODER
+
+    sweep = tmp_path / "optuna"
+    res = run_cli(
+        "-m", "experiment=encoder_contrastive", "sweep=optuna", "debug=smoke", *TINY,
+        *TINY_ENCODER, "hydra.sweeper.n_trials=2", "contrastive.n_corrupt=choice(1,2)",
+        f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    losses = {}
+    for job in ("0", "1"):
+        overrides = dict(
+            str(o).split("=", 1) for o in OmegaConf.load(sweep / job / ".hydra/overrides.yaml")
+        )
+        assert 1e-4 <= float(overrides["model.lr"]) <= 1e-2
+        assert overrides["contrastive.n_corrupt"] in ("1", "2")
+        losses[job] = json.loads((sweep / job / "metrics.json").read_text())["val/loss"]
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert best.best_value == pytest.approx(min(losses.values()))
+    assert set(best.best_params) == {"model.lr", "contrastive.n_corrupt"}
+    assert len(pd.read_csv(sweep / "sweep_summary.csv")) == 2
