@@ -85,7 +85,8 @@ class IQMScorer:
     identity = "iqm-v1"
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-        return compute_iqms(item["image"][0], brain_mask=item.get("mask"))
+        mask = item.get("mask")
+        return compute_iqms(item["image"][0].cpu(), brain_mask=mask)
 
 
 def models_identity(scorers: Iterable[Scorer], pcfg: PreprocessConfig) -> str:
@@ -190,9 +191,11 @@ class ScoringModule(pl.LightningModule):
             row.update(status="error", error=item["error"])
             return row
         try:
-            for scorer in self.scorers:
-                view = item["views"].get(getattr(scorer, "preprocess_key", None))
-                row.update(scorer({**item, **view} if view else item))
+            # float32 even under a mixed-precision trainer: thresholds were computed in float32
+            with torch.autocast(self.device.type, enabled=False):
+                for scorer in self.scorers:
+                    view = item["views"].get(getattr(scorer, "preprocess_key", None))
+                    row.update(scorer({**item, **view} if view else item))
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:
