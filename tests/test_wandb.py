@@ -7,6 +7,7 @@ import json
 import math
 import os
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,18 +113,25 @@ def _records(path: Path) -> Iterator[Any]:
             yield record
 
 
-def _run_contents(run: Path) -> tuple[dict[str, Any], set[str]]:
-    """``(summary, config keys)`` of an offline run, read from its ``.wandb`` file."""
-    summary: dict[str, Any] = {}
-    config: set[str] = set()
-    for record in _records(next(run.glob("run-*.wandb"))):
-        kind = record.WhichOneof("record_type")
-        if kind == "summary":
-            for item in record.summary.update:
-                summary[item.key or ".".join(item.nested_key)] = json.loads(item.value_json)
-        elif kind == "config":
-            config.update(item.key or ".".join(item.nested_key) for item in record.config.update)
-    return summary, config
+def _run_contents(run: Path, timeout: float = 30.0) -> tuple[dict[str, Any], set[str]]:
+    """``(summary, config keys)`` of an offline run, read from its ``.wandb`` file once the
+    W&B service has written the run's exit record (``wandb.finish`` may return before)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        summary: dict[str, Any] = {}
+        config: set[str] = set()
+        kinds = set()
+        for record in _records(next(run.glob("run-*.wandb"))):
+            kind = record.WhichOneof("record_type")
+            kinds.add(kind)
+            if kind == "summary":
+                for item in record.summary.update:
+                    summary[item.key or ".".join(item.nested_key)] = json.loads(item.value_json)
+            elif kind == "config":
+                config.update(i.key or ".".join(i.nested_key) for i in record.config.update)
+        if "exit" in kinds or time.monotonic() > deadline:
+            return summary, config
+        time.sleep(0.2)
 
 
 def _offline_run(out: Path) -> Path:
