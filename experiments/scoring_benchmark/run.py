@@ -47,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+STANDIN = "benchmark_standin"  # run folder name of the stand-in models this script makes
 TARGETS = {"encoder_flow_2mm": 60.0, "encoder_flow_1mm": 20.0, "peak_rss_mb": 3072.0}
 
 
@@ -139,23 +140,23 @@ def ensure_models(args: argparse.Namespace, env: dict[str, str]) -> dict[str, st
 
     runs = Path(compose_config().paths.runs_dir)
     flow = args.flow_run or latest(runs, "flow_density", "flow.pt")
-    kinds = {"flow": "trained" if flow else "stand-in"}
+    kinds = {"flow": "trained" if flow and flow.name != STANDIN else "stand-in"}
     if flow is None:
-        enc = runs / "encoder_contrastive" / "benchmark_standin"
+        enc = runs / "encoder_contrastive" / STANDIN
         run_cli(
             ["experiment=encoder_contrastive", "trainer.max_epochs=1",
              "++trainer.limit_train_batches=2", "++trainer.limit_val_batches=1",
              f"hydra.run.dir={enc}"], env,
         )  # fmt: skip
-        flow = runs / "flow_density" / "benchmark_standin"
+        flow = runs / "flow_density" / STANDIN
         run_cli(
             ["experiment=flow_density", f"flow.encoder_ckpt={enc}/checkpoints/last.ckpt",
              f"hydra.run.dir={flow}"], env,
         )  # fmt: skip
     student = args.student_run or latest(runs, "uncertainty_student", "checkpoints/*.ckpt")
-    kinds["student"] = "trained" if student else "stand-in"
+    kinds["student"] = "trained" if student and student.name != STANDIN else "stand-in"
     if student is None:
-        student = make_student_standin(runs / "uncertainty_student" / "benchmark_standin")
+        student = make_student_standin(runs / "uncertainty_student" / STANDIN)
     return {"flow_run": str(flow), "student_run": str(student), **kinds}
 
 
