@@ -153,3 +153,61 @@ def test_init_from_task_rejects_other_architectures() -> None:
     other = TwoHeadUNet(num_sources=1, filters=[4, 8, 32])
     with pytest.raises(ValueError, match="architectures differ"):
         UncertaintySeg("teacher", ["noise"], net=TINY, task_net=other)
+
+
+def _step(m: UncertaintySeg) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step; returns the full-resolution head weight before and after."""
+    opt = m.configure_optimizers()
+    w = m.net.heads()[0].weight
+    before = w.detach().clone()
+    loss = m.compute_loss(_batch())["loss"]
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return before, w.detach().clone()
+
+
+def test_frozen_task_variance_row_and_artifact_row_lr() -> None:
+    torch.manual_seed(0)
+    kw = {"net": TINY, "task_net": _task_net(), "lr": 1e-2}
+    base_before, base_after = _step(UncertaintySeg("teacher", ["noise"], **kw))
+    torch.manual_seed(0)
+    kw["task_net"] = _task_net()
+    m = UncertaintySeg("teacher", ["noise"], task_var_lr_mult=0.0, artifact_lr_mult=10.0, **kw)
+    assert set(m.row_lr_multipliers()) == set(m.net.heads()[0].parameters())
+    before, after = _step(m)
+    torch.testing.assert_close(before, base_before)
+    step, base_step = (after - before).flatten(1), (base_after - base_before).flatten(1)
+    # rows: logits (2), task variance (frozen: unchanged), noise variance (10x the lr)
+    torch.testing.assert_close(step[:2], base_step[:2])
+    assert torch.equal(after[2], before[2])
+    assert base_step[2].abs().max() > 0
+    torch.testing.assert_close(step[3], 10 * base_step[3])
+    # the frozen row is still the one copied from the task network
+    assert torch.equal(m.net.heads()[0].bias[2], m.frozen["task"].heads()[0].bias[2])
+    # the task role ignores the multipliers (it has no artifact rows to protect)
+    assert UncertaintySeg("task", [], net=TINY, task_var_lr_mult=0.0).row_lr_multipliers() == {}
+    with pytest.raises(ValueError, match="multipliers"):
+        UncertaintySeg("teacher", ["noise"], net=TINY, artifact_lr_mult=-1.0)
+
+
+def test_hce_task_var_reference_uses_the_frozen_task_variance() -> None:
+    torch.manual_seed(0)
+    task = _task_net()
+    own = UncertaintySeg("teacher", ["noise"], net=TINY, task_net=task)
+    ref = UncertaintySeg("teacher", ["noise"], net=TINY, task_net=task, hce_task_var="reference")
+    ref.net.load_state_dict(own.net.state_dict())
+    with torch.no_grad():  # make the own task variance differ from the task network's
+        for m in (own, ref):
+            m.net.heads()[0].bias[2] += 1.0
+    batch = _batch()
+    l_own, l_ref = own.compute_loss(batch), ref.compute_loss(batch)
+    assert not torch.allclose(l_own["seg"], l_ref["seg"])
+    torch.testing.assert_close(l_own["consistency"], l_ref["consistency"])
+    # the own task-variance channel gets gradient from the consistency loss only
+    ref.zero_grad()
+    l_ref["seg"].backward()
+    grad = ref.net.heads()[0].weight.grad
+    assert torch.all(grad[2] == 0) and grad[3].abs().sum() > 0
+    with pytest.raises(ValueError, match="hce_task_var"):
+        UncertaintySeg("teacher", ["noise"], net=TINY, hce_task_var="mine")

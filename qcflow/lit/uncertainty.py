@@ -30,10 +30,20 @@ from qcflow.data.datamodule import PatchDataModule, _patch_collate
 from qcflow.models.losses import consistency_loss, heteroscedastic_ce
 from qcflow.models.unet import TwoHeadUNet
 
-__all__ = ["ROLES", "DEFAULT_KINDS", "sources_for", "UncertaintySeg", "PairedPatchDataModule"]
+__all__ = [
+    "ROLES",
+    "DEFAULT_KINDS",
+    "HCE_TASK_VAR",
+    "sources_for",
+    "scale_row_updates",
+    "UncertaintySeg",
+    "PairedPatchDataModule",
+]
 
 ROLES = ("task", "teacher", "student")
 DEFAULT_KINDS = ("spike", "noise", "blur", "wrap", "motion")
+#: which task variance enters a teacher's / student's heteroscedastic variance sum
+HCE_TASK_VAR = ("own", "reference")
 
 
 def sources_for(role: str, kinds: Sequence[str]) -> list[str]:
@@ -45,6 +55,42 @@ def sources_for(role: str, kinds: Sequence[str]) -> list[str]:
     if role == "teacher" and len(kinds) != 1:
         raise ValueError(f"a teacher has exactly one artifact kind, got {list(kinds)}")
     return ["task", *kinds]
+
+
+def scale_row_updates(
+    optimizer: torch.optim.Optimizer, multipliers: Mapping[nn.Parameter, Tensor]
+) -> None:
+    """Scale each optimizer step of ``p`` row by row: ``p_new = p_old + m[row] * (step)``.
+
+    A per-row learning-rate multiplier for parameters whose rows are different outputs (the
+    rows of the 1x1x1 output convolution are the segmentation, task-variance and artifact-variance
+    channels, so they cannot sit in different parameter groups). Adam's (and SGD's) update is
+    linear in the learning rate, so scaling a row's update by ``m`` equals a learning rate
+    ``m * lr`` for that row; ``m = 0`` freezes the row (its gradient still flows to the layers
+    below). Implemented with optimizer step hooks: the pre-hook keeps a copy, the post-hook
+    rescales the difference.
+
+    Args:
+        optimizer: the optimizer holding the parameters.
+        multipliers: ``{parameter (R, ...): multipliers (R,)}``.
+    """
+    if not multipliers:
+        return
+    saved: dict[int, Tensor] = {}
+
+    def _pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for p in multipliers:
+            saved[id(p)] = p.detach().clone()
+
+    @torch.no_grad()
+    def _post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for p, m in multipliers.items():
+            old = saved.pop(id(p))
+            scale = m.to(p.device, p.dtype).view(-1, *([1] * (p.ndim - 1)))  # (R, 1, ...)
+            p.copy_(old + (p - old) * scale)
+
+    optimizer.register_step_pre_hook(_pre)
+    optimizer.register_step_post_hook(_post)
 
 
 def _dice(pred: Tensor, target: Tensor) -> Tensor:
@@ -76,6 +122,16 @@ class UncertaintySeg(pl.LightningModule):
             30 000 iterations: from scratch, the student's cross-entropy is divided by the sum of
             six variances and its segmentation collapses to background in a short schedule.
         init_log_var: initial log-variance of the artifact channels when ``init_from_task``.
+        task_var_lr_mult: learning-rate multiplier of the task-variance row of the output
+            head(s) of a teacher or student (0 freezes the row copied from the task network, so
+            extra uncertainty on corrupted patches cannot be absorbed there through the head).
+        artifact_lr_mult: learning-rate multiplier of the artifact log-variance rows of the
+            output head(s) (their zero-initialised weights move ~lr per Adam step).
+        hce_task_var: which ``sigma_t^2`` enters a teacher's / student's variance sum in the
+            heteroscedastic CE: ``own`` (its own prediction, the paper) or ``reference`` (the
+            frozen task network's on the clean patch, detached), so the uncertainty that the
+            corruption adds can only be explained by the artifact channels; the own
+            ``sigma_t^2`` channel then learns from the consistency loss alone.
 
     Shapes: ``forward(x (B, 1, D, H, W)) -> (logits (B, 2, D, H, W), log_var (B, K, D, H, W))``
     with K = 1 (task), 2 (teacher), 1 + len(kinds) (student).
@@ -95,8 +151,17 @@ class UncertaintySeg(pl.LightningModule):
         teacher_nets: Mapping[str, nn.Module] | None = None,
         init_from_task: bool = True,
         init_log_var: float = -2.0,
+        task_var_lr_mult: float = 1.0,
+        artifact_lr_mult: float = 1.0,
+        hce_task_var: str = "own",
     ) -> None:
         super().__init__()
+        if hce_task_var not in HCE_TASK_VAR:
+            raise ValueError(f"hce_task_var must be one of {HCE_TASK_VAR}, got {hce_task_var!r}")
+        if task_var_lr_mult < 0 or artifact_lr_mult < 0:
+            raise ValueError(
+                f"lr multipliers must be >= 0, got {task_var_lr_mult}, {artifact_lr_mult}"
+            )
         kinds = [] if role == "task" else [str(k) for k in kinds]
         self.save_hyperparameters(ignore=["task_net", "teacher_nets"])
         self.role = role
@@ -110,6 +175,9 @@ class UncertaintySeg(pl.LightningModule):
         self.consistency_weight = float(consistency_weight)
         self.ssim_weight = float(ssim_weight)
         self.ds_weights = list(ds_weights) if ds_weights else None
+        self.task_var_lr_mult = float(task_var_lr_mult)
+        self.artifact_lr_mult = float(artifact_lr_mult)
+        self.hce_task_var = str(hce_task_var)
         # frozen stages are optional here (loading for inference); fitting checks them
         frozen: dict[str, nn.Module] = {}
         if task_net is not None and role != "task":
@@ -146,8 +214,24 @@ class UncertaintySeg(pl.LightningModule):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.net(x)
 
+    def row_lr_multipliers(self) -> dict[nn.Parameter, Tensor]:
+        """Per-row lr multipliers of the output heads (empty for the task role or all ones).
+
+        Rows: ``num_classes`` segmentation rows (1), the task-variance row
+        (``task_var_lr_mult``), then the artifact rows (``artifact_lr_mult``).
+        """
+        if self.role == "task" or (self.task_var_lr_mult == 1.0 and self.artifact_lr_mult == 1.0):
+            return {}
+        n_cls = self.net.num_classes
+        mult = torch.ones(n_cls + len(self.sources))
+        mult[n_cls] = self.task_var_lr_mult
+        mult[n_cls + 1 :] = self.artifact_lr_mult
+        return {p: mult for head in self.net.heads() for p in head.parameters()}
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.net.parameters(), lr=self.lr)
+        opt = torch.optim.Adam(self.net.parameters(), lr=self.lr)
+        scale_row_updates(opt, self.row_lr_multipliers())
+        return opt
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # frozen stages live in their own checkpoints
@@ -195,16 +279,25 @@ class UncertaintySeg(pl.LightningModule):
         """Heteroscedastic CE (all deep-supervision outputs) + consistency (full resolution)."""
         image, label = batch["image"], batch["label"]
         outs = self.net.forward_all(image)
+        ref = None
+        if self.role != "task":
+            clean = batch.get("image_clean", image)
+            ref = self.reference_variances(image, clean)  # (B, n, D, H, W)
+
+        def summed(lv: Tensor) -> Tensor:
+            # hce_task_var=reference: the frozen task network's sigma_t^2 replaces the own one
+            if ref is None or self.hce_task_var == "own":
+                return lv
+            return torch.cat([ref[:, :1].log(), lv[:, 1:]], dim=1)
+
         weights = self._weights(len(outs))
         seg = sum(
-            w * heteroscedastic_ce(lg, label, lv, self.eps)
+            w * heteroscedastic_ce(lg, label, summed(lv), self.eps)
             for w, (lg, lv) in zip(weights, outs, strict=True)
         )
         out = {"seg": seg, "loss": seg}
         logits, log_var = outs[0]
-        if self.role != "task":
-            clean = batch.get("image_clean", image)
-            ref = self.reference_variances(image, clean)  # (B, n, D, H, W)
+        if ref is not None:
             var = log_var[:, : ref.shape[1]].exp()
             cons = (
                 sum(

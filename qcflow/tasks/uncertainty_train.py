@@ -86,6 +86,9 @@ def build_module(cfg: DictConfig) -> UncertaintySeg:
         teacher_nets=teachers,
         init_from_task=bool(ucfg.get("init_from_task", True)),
         init_log_var=float(ucfg.get("init_log_var", -2.0)),
+        task_var_lr_mult=float(ucfg.get("task_var_lr_mult", 1.0)),
+        artifact_lr_mult=float(ucfg.get("artifact_lr_mult", 1.0)),
+        hce_task_var=str(ucfg.get("hce_task_var", "own")),
     )
 
 
