@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from qcflow.data.contrastive import ContrastiveSliceDataset, axial_stack, corrupt_slice
+from qcflow.data.contrastive import (
+    ContrastiveSliceDataset,
+    NegativeBank,
+    axial_stack,
+    corrupt_slice,
+    corrupt_volume,
+)
 from qcflow.data.datamodule import VolumeDataModule
 from qcflow.data.datasets import ORIENTATIONS, central_indices, fit_square
 from qcflow.kspace import RandomArtifacts
@@ -63,6 +69,13 @@ def test_pool_excludes_own_volume_but_keeps_own_corrupted_copies() -> None:
     assert mask[1].nonzero().flatten().tolist() == [2, 5, 8, 9, 10, 11]
     assert mask[2].nonzero().flatten().tolist() == [0, 1, 3, 4, 6, 7, 8, 9, 10, 11]
     assert not mask[0, 0] and not mask[0, 3]  # never its own query or positive
+    # extension: of other volumes, only their corrupted copies (+ own corrupted copies)
+    _, _, mask_c = build_pool(q, p, c, index, negatives="corrupted")
+    assert mask_c[0].nonzero().flatten().tolist() == [6, 7, 10, 11]
+    assert mask_c[2].nonzero().flatten().tolist() == [6, 7, 8, 9, 10, 11]
+    assert bool((mask_c <= mask).all())
+    with pytest.raises(ValueError, match="negatives"):
+        build_pool(q, p, c, index, negatives="some")
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +149,76 @@ def test_training_step_uses_the_loss(volumes) -> None:
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
+
+
+def _dataset_3d(volumes, sampler, **kwargs) -> ContrastiveSliceDataset:
+    args = {"size": 32, "n_central": 6, "queries_per_volume": 3, "n_corrupt": 2}
+    return ContrastiveSliceDataset(
+        volumes, corrupt=sampler, negatives_3d=True, bank_size=3, spacing=4.0, **args | kwargs
+    )
+
+
+def test_3d_negatives_are_the_query_slice_of_the_corrupted_volume(volumes) -> None:
+    # a negligible artifact (noise at 200 dB SNR) leaves the query: same volume, same slice
+    faint = RandomArtifacts(rate=1.0, noise={"snr_db": [200.0, 200.0]}, seed=0)
+    ds = _dataset_3d(volumes, faint, deterministic=True)
+    for idx in range(len(ds)):
+        item = ds[idx]
+        assert item["corrupted"].shape == (2, 1, 32, 32)
+        for copy in item["corrupted"]:
+            torch.testing.assert_close(copy, item["query"], atol=2e-2, rtol=0)
+    # real artifacts: copies differ from the query and from each other (distinct bank slots)
+    strong = RandomArtifacts(rate=1.0, noise={"p": 0.5}, motion={"p": 0.5}, seed=0)
+    ds = _dataset_3d(volumes, strong, deterministic=True)
+    item = ds[4]
+    assert item["index"] == 1
+    assert not torch.allclose(item["corrupted"][0], item["query"], atol=1e-3)
+    assert not torch.equal(item["corrupted"][0], item["corrupted"][1])
+    assert all(k in (1, 2, 3) for k in item["corrupt_kind"].tolist())
+    assert float(item["corrupted"].min()) >= 0.0 and float(item["corrupted"].max()) <= 1.0
+    with pytest.raises(ValueError, match="bank_size"):
+        _dataset_3d(volumes, strong, n_corrupt=4)
+
+
+def test_3d_negatives_are_seeded_and_validation_never_redraws(volumes) -> None:
+    sampler = RandomArtifacts(rate=1.0, noise={"p": 0.5}, motion={"p": 0.5})
+    torch.manual_seed(3)
+    a = [_dataset_3d(volumes, sampler)[i]["corrupted"] for i in (0, 5)]
+    torch.manual_seed(3)
+    b = [_dataset_3d(volumes, sampler)[i]["corrupted"] for i in (0, 5)]
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+    val = _dataset_3d(volumes, sampler, deterministic=True, seed=1)
+    first = [val[i]["corrupted"] for i in range(len(val))]
+    again = [val[i]["corrupted"] for i in range(len(val))]
+    assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
+    assert val.bank is not None and val.bank.drawn <= 3 * len(volumes)  # drawn once per slot
+    other = _dataset_3d(volumes, sampler, deterministic=True, seed=1)
+    assert torch.equal(other[2]["corrupted"], first[2])
+
+
+def test_negative_bank_redraws_after_reuse_and_keeps_the_slab(volumes) -> None:
+    vol = volumes.volume(0)["image"]
+    sampler = RandomArtifacts(rate=1.0, noise={"p": 1.0})
+    bank = NegativeBank(sampler, size=2, reuse=2, spacing=(4.0,) * 3)
+    g = torch.Generator().manual_seed(0)
+    idx = central_indices(vol.shape[3], 4)
+    s1, where, code = bank.get(0, 1, vol, idx, g)
+    assert s1.shape == (*vol.shape[:3], 4) and where == idx and code == 1
+    s2, _, _ = bank.get(0, 1, vol, idx, g)
+    assert s2 is s1 and bank.drawn == 1  # reused
+    s3, _, _ = bank.get(0, 1, vol, idx, g)
+    assert bank.drawn == 2 and not torch.equal(s3, s1)  # used twice: redrawn
+    with pytest.raises(ValueError, match="must be >= 1"):
+        NegativeBank(sampler, size=0)
+
+
+def test_corrupt_volume_keeps_through_plane_motion() -> None:
+    vol = torch.zeros(1, 20, 20, 20)
+    vol[:, 5:15, 6:14, 4:16] = 0.8
+    sampler = RandomArtifacts(rate=1.0, motion={"degrees": [5.0, 5.0], "translation": 0}, seed=1)
+    y, record = corrupt_volume(sampler, vol, spacing=(2.0, 2.0, 2.0))
+    assert y.shape == vol.shape and float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+    # rotations about the in-plane axes (through-plane motion) stay, unlike corrupt_slice
+    assert all(d[0] == 5.0 and d[1] == 5.0 for d in record["params"]["motion"]["degrees"])
+    assert not torch.allclose(y, vol, atol=1e-2)

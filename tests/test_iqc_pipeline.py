@@ -219,3 +219,22 @@ def test_augmentation_sweep_runs_and_summarises(small_embedded: Path, tmp_path: 
     for job in ("0", "1"):
         cfg = OmegaConf.load(sweep / job / ".hydra" / "config.yaml")
         assert cfg.augment[str(summary.set_index("job").loc[int(job), "augment"])] is not None
+
+
+def test_simulated_kinds_come_from_the_encoder_runs_augment(tmp_path: Path) -> None:
+    from qcflow.tasks.iqc_evaluate import simulated_kinds_of
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert simulated_kinds_of(ckpt) is None  # no saved config: the caller falls back
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    augment = {"rate": 1.0, "noise": {"p": 0.5}, "motion": {"p": 0.5}, "blur": {"p": 0.0},
+               "wrap": None, "bias": True}  # fmt: skip
+    OmegaConf.save({"augment": augment}, tmp_path / "run" / ".hydra" / "config.yaml")
+    assert sorted(simulated_kinds_of(ckpt)) == ["bias", "motion", "noise"]
+    cfg = compose_cfg(["experiment=iqc_evaluate"], tmp_path / "eval")
+    assert cfg.evaluate.simulated_kinds is None  # default: read from the encoder run
+    enc = compose_cfg(["experiment=encoder_contrastive"], tmp_path / "enc")
+    assert enc.contrastive.negatives_3d in (True, False) and enc.model.negatives in (
+        "all",
+        "corrupted",
+    )

@@ -9,13 +9,24 @@ One item per (volume, query draw)::
     index          the volume's index (negatives = every slice of *other* volumes in the
                    batch, gathered across ranks by the LightningModule)
 
-Corruption runs per slice: the sampler (``conf/augment/paper_contrastive.yaml``: noise and/or
-motion) draws explicit parameters and :func:`qcflow.kspace.apply_artifacts` applies them to the
-slice laid out as a one-voxel-thick volume ``(1, h, w, 1)``. A slice has no neighbours to move
-in from, so the out-of-plane parts of a rigid motion (rotations about the two in-plane axes,
-translation through the plane) are dropped and a phase-encode axis through the plane is
-redrawn in-plane (:func:`corrupt_slice`); 2-D corruption costs ~10 ms against ~0.4 s for a
-3-D motion of the whole 2 mm volume, which is what makes the CPU main job fit in minutes.
+Two ways to make the corrupted copies (``negatives_3d``):
+
+* **per slice** (``False``): the sampler (``conf/augment/paper_contrastive.yaml``: noise and/or
+  motion) draws explicit parameters and :func:`qcflow.kspace.apply_artifacts` applies them to
+  the slice laid out as a one-voxel-thick volume ``(1, h, w, 1)``. A slice has no neighbours to
+  move in from, so the out-of-plane parts of a rigid motion (rotations about the two in-plane
+  axes, translation through the plane) are dropped and a phase-encode axis through the plane is
+  redrawn in-plane (:func:`corrupt_slice`). ~10 ms per copy.
+* **per volume** (``True``): the whole 3-D volume is corrupted (:func:`corrupt_volume`: full
+  rigid motion with any phase-encode axis, 3-D noise/blur/spike/wrap/bias), re-scaled to [0, 1]
+  by the same percentiles preprocessing applies to every scan, and the copy is then sliced at
+  the query's position -- so a negative carries through-plane motion like a real motion-corrupted
+  scan. A 3-D motion costs ~0.06-0.2 s at 2 mm on one CPU thread, so the corrupted volumes go to
+  a small per-volume bank (:class:`NegativeBank`, ``bank_size`` copies per volume, each reused
+  ``bank_reuse`` times by queries of different slices before it is redrawn): with the defaults
+  (4 copies, 16 uses; 8 queries x 2 copies per volume per epoch) about one fresh 3-D corruption
+  per volume per epoch after the first. Only the central axial slab (the slices queries come
+  from) is kept: ~0.9 MB per copy at 2 mm.
 """
 
 from __future__ import annotations
@@ -37,10 +48,13 @@ from qcflow.data.datasets import (
     extract_slice,
     fit_square,
 )
+from qcflow.data.preprocess import RobustRescale
 from qcflow.kspace import RandomArtifacts, apply_artifacts
 
 __all__ = [
     "corrupt_slice",
+    "corrupt_volume",
+    "NegativeBank",
     "axial_stack",
     "ContrastiveSliceDataset",
     "ContrastiveDataModule",
@@ -100,6 +114,101 @@ def corrupt_slice(
     return y[..., 0].clamp(0.0, 1.0), params.to_record()
 
 
+def corrupt_volume(
+    sampler: RandomArtifacts,
+    volume: Tensor,
+    generator: torch.Generator | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    percentiles: Sequence[float] | None = (0.5, 99.5),
+) -> tuple[Tensor, dict[str, Any]]:
+    """Corrupt a whole preprocessed volume in 3-D, as the scanner would have.
+
+    Args:
+        sampler: draws the artifact parameters (its ``rate``/``p``/ranges apply).
+        volume: ``(C, D, H, W)`` preprocessed volume in [0, 1].
+        generator: CPU generator for the draws.
+        spacing: voxel size (mm), for motion translations.
+        percentiles: re-scale the corrupted magnitude image so that these percentiles map to
+            0 and 1 and clip -- what preprocessing does to every scan, corrupted or not
+            (``data.percentiles``); ``None``: clip to [0, 1] only.
+
+    Returns:
+        ``(C, D, H, W)`` corrupted volume in [0, 1] and its record.
+    """
+    params = sampler.sample(sampler._generator(generator))
+    y = apply_artifacts(
+        volume,
+        params,
+        spacing=tuple(float(v) for v in spacing),
+        pad_to_smooth=sampler.pad_to_smooth,
+        rescale=False,
+        strategy=sampler.strategy,
+    )
+    if percentiles is not None:
+        lo, hi = RobustRescale.cutoffs(y, (float(percentiles[0]), float(percentiles[1])))
+        y = (y.clamp(lo, hi) - lo) / (hi - lo) if hi > lo else torch.zeros_like(y)
+    return y.clamp(0.0, 1.0), params.to_record()
+
+
+class NegativeBank:
+    """Per-volume bank of 3-D-corrupted copies, kept as their central axial slab.
+
+    Entry ``(volume, slot)`` is drawn on first use and redrawn after ``reuse`` uses (never, when
+    ``reuse`` is ``None``: validation). A redrawn entry is seeded from the caller's generator,
+    so a seeded caller (``torch.manual_seed`` in training, ``(seed, item)`` in validation)
+    reproduces the bank.
+
+    Args:
+        sampler: the artifact sampler.
+        size: copies per volume (slots).
+        reuse: uses of a copy before it is redrawn (``None``: never redrawn).
+        spacing: voxel size (mm).
+        percentiles: re-scaling after corruption (see :func:`corrupt_volume`).
+        fixed_seed: when set, slot ``(i, j)`` is always drawn from seed
+            ``(fixed_seed, i, j)`` (validation: the same negatives every epoch).
+    """
+
+    def __init__(
+        self,
+        sampler: RandomArtifacts,
+        size: int = 4,
+        reuse: int | None = 16,
+        spacing: Sequence[float] = (1.0, 1.0, 1.0),
+        percentiles: Sequence[float] | None = (0.5, 99.5),
+        fixed_seed: int | None = None,
+    ) -> None:
+        if size < 1 or (reuse is not None and reuse < 1):
+            raise ValueError(f"bank size and reuse must be >= 1, got {size}, {reuse}")
+        self.sampler = sampler
+        self.size = int(size)
+        self.reuse = None if reuse is None else int(reuse)
+        self.spacing = tuple(float(v) for v in spacing)
+        self.percentiles = percentiles
+        self.fixed_seed = fixed_seed
+        # (volume, slot) -> [slab (C, D, H, n), slice indices, kind code, uses]
+        self._store: dict[tuple[int, int], list[Any]] = {}
+        self.drawn = 0  # corrupted volumes computed so far (for tests and logs)
+
+    def get(
+        self, i: int, slot: int, volume: Tensor, indices: Sequence[int], g: torch.Generator
+    ) -> tuple[Tensor, list[int], int]:
+        """Slab ``(C, D, H, n)`` of the central axial slices ``indices`` of copy ``slot``."""
+        entry = self._store.get((i, slot))
+        if entry is None or (self.reuse is not None and entry[3] >= self.reuse):
+            if self.fixed_seed is not None:
+                seed = (self.fixed_seed * 1_000_003 + i) * 1_009 + slot
+            else:
+                seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+            gen = torch.Generator().manual_seed(seed)
+            y, record = corrupt_volume(self.sampler, volume, gen, self.spacing, self.percentiles)
+            slab = y[..., list(indices)].contiguous()  # keep the query slab only
+            entry = [slab, list(indices), kind_code(record.get("kinds", [])), 0]
+            self._store[(i, slot)] = entry
+            self.drawn += 1
+        entry[3] += 1
+        return entry[0], entry[1], entry[2]
+
+
 def axial_stack(volume: Tensor, n_central: int | None, size: int) -> Tensor:
     """The ``n_central`` central axial slices of ``(1, D, H, W)`` -> ``(n, 1, size, size)``."""
     axis = ORIENTATIONS["axial"]
@@ -121,7 +230,12 @@ class ContrastiveSliceDataset(Dataset):
         deterministic: draw slice indices and corruptions from a generator seeded by
             ``(seed, item)`` (validation) instead of the global RNG (training).
         seed: seed for ``deterministic``.
-        spacing: in-plane voxel size (mm) for motion translations.
+        spacing: voxel size (mm) for motion translations.
+        negatives_3d: corrupt the whole volume and slice it (see the module docstring) instead
+            of corrupting the 2-D query slice.
+        bank_size: 3-D-corrupted copies kept per volume (``negatives_3d``).
+        bank_reuse: uses of a copy before it is redrawn (training; validation never redraws).
+        percentiles: re-scaling of 3-D-corrupted volumes (``data.percentiles``).
 
     Items: ``{"query": (1, S, S), "positive": (1, S, S), "corrupted": (K, 1, S, S),
     "index": int, "query_slice": int, "positive_orientation": int (into ORIENTATIONS order
@@ -140,6 +254,10 @@ class ContrastiveSliceDataset(Dataset):
         deterministic: bool = False,
         seed: int = 0,
         spacing: float = 2.0,
+        negatives_3d: bool = False,
+        bank_size: int = 4,
+        bank_reuse: int = 16,
+        percentiles: Sequence[float] | None = (0.5, 99.5),
     ) -> None:
         bad = set(positive_orientations) - {"coronal", "sagittal"}
         if bad or not positive_orientations:
@@ -159,6 +277,21 @@ class ContrastiveSliceDataset(Dataset):
         self.deterministic = deterministic
         self.seed = int(seed)
         self.spacing = float(spacing)
+        self.negatives_3d = bool(negatives_3d)
+        if self.negatives_3d and self.n_corrupt > bank_size:
+            raise ValueError(f"n_corrupt={self.n_corrupt} exceeds bank_size={bank_size}")
+        self.bank = (
+            NegativeBank(
+                corrupt,
+                size=bank_size,
+                reuse=None if deterministic else bank_reuse,
+                spacing=(self.spacing,) * 3,
+                percentiles=percentiles,
+                fixed_seed=self.seed if deterministic else None,
+            )
+            if self.negatives_3d and corrupt is not None
+            else None
+        )
 
     def __len__(self) -> int:
         return len(self.volumes) * self.queries_per_volume
@@ -186,11 +319,20 @@ class ContrastiveSliceDataset(Dataset):
         query = fit_square(extract_slice(vol, "axial", q_slice), self.size)
         positive = fit_square(extract_slice(vol, p_name, p_slice), self.size)
         corrupted, kinds = [], []
-        raw = extract_slice(vol, "axial", q_slice)  # corrupt at native resolution, then fit
-        for _ in range(self.n_corrupt):
-            y, record = corrupt_slice(self.corrupt, raw, g, (self.spacing, self.spacing))
-            corrupted.append(fit_square(y, self.size))
-            kinds.append(kind_code(record.get("kinds", [])))
+        if self.bank is not None:  # K distinct 3-D-corrupted copies, sliced at the query
+            axial = central_indices(shape[ORIENTATIONS["axial"]], self.n_central)
+            slots = torch.randperm(self.bank.size, generator=g)[: self.n_corrupt].tolist()
+            for slot in slots:
+                slab, where, code = self.bank.get(i, slot, vol, axial, g)
+                y = slab[..., where.index(q_slice)]  # (1, h, w)
+                corrupted.append(fit_square(y, self.size))
+                kinds.append(code)
+        else:
+            raw = extract_slice(vol, "axial", q_slice)  # corrupt at native resolution, then fit
+            for _ in range(self.n_corrupt):
+                y, record = corrupt_slice(self.corrupt, raw, g, (self.spacing, self.spacing))
+                corrupted.append(fit_square(y, self.size))
+                kinds.append(kind_code(record.get("kinds", [])))
         return {
             "query": query,
             "positive": positive,
@@ -214,6 +356,9 @@ class ContrastiveDataModule(ScanDataModule):
         n_corrupt: corrupted copies per query.
         val_queries_per_volume: validation items per volume (fixed draws).
         scans: use these scans instead of discovering them.
+        negatives_3d: corrupt whole volumes, then slice (:class:`NegativeBank`).
+        bank_size: 3-D-corrupted copies kept per volume.
+        bank_reuse: uses of a training copy before it is redrawn.
     """
 
     def __init__(
@@ -224,6 +369,9 @@ class ContrastiveDataModule(ScanDataModule):
         n_corrupt: int = 1,
         val_queries_per_volume: int = 2,
         scans: Sequence[Any] | None = None,
+        negatives_3d: bool = False,
+        bank_size: int = 4,
+        bank_reuse: int = 16,
     ) -> None:
         super().__init__(data_cfg, with_label=False, scans=scans)
         if corrupt is not None and corrupt.rate < 1.0:
@@ -233,10 +381,15 @@ class ContrastiveDataModule(ScanDataModule):
         self.queries_per_volume = int(queries_per_volume)
         self.n_corrupt = int(n_corrupt)
         self.val_queries_per_volume = int(val_queries_per_volume)
+        self.negatives_3d = bool(negatives_3d)
+        self.bank_size = int(bank_size)
+        self.bank_reuse = int(bank_reuse)
+        self._datasets: dict[bool, ContrastiveSliceDataset] = {}
 
     def _dataset(self, scans: Sequence[Any], train: bool) -> ContrastiveSliceDataset:
         spacing = self.cfg.get("spacing", 2.0)
         spacing = float(spacing[0] if isinstance(spacing, Sequence) else spacing)
+        percentiles = self.cfg.get("percentiles", (0.5, 99.5))
         return ContrastiveSliceDataset(
             self._volumes(scans),
             size=int(self.cfg.get("slice_size", 128)),
@@ -247,14 +400,25 @@ class ContrastiveDataModule(ScanDataModule):
             deterministic=not train,
             seed=int(self.cfg.get("seed", 0)),
             spacing=spacing,
+            negatives_3d=self.negatives_3d,
+            bank_size=self.bank_size,
+            bank_reuse=self.bank_reuse,
+            percentiles=None if percentiles is None else [float(v) for v in percentiles],
         )
+
+    def _cached_dataset(self, train: bool) -> ContrastiveSliceDataset:
+        # one dataset per split for the whole fit: its negative bank outlives the epoch
+        # (Lightning asks for the loaders again; with num_workers > 0 each worker holds a copy)
+        if train not in self._datasets:
+            scans = self.train_scans if train else (self.val_scans or self.train_scans[:2])
+            self._datasets[train] = self._dataset(scans, train)
+        return self._datasets[train]
 
     def train_dataloader(self) -> DataLoader:
         # drop_last keeps every batch large enough to hold negatives from other volumes
         n = len(self.train_scans) * self.queries_per_volume
         drop = n > int(self.cfg.get("batch_size", 8))
-        return self._loader(self._dataset(self.train_scans, True), shuffle=True, drop_last=drop)
+        return self._loader(self._cached_dataset(True), shuffle=True, drop_last=drop)
 
     def val_dataloader(self) -> DataLoader:
-        scans = self.val_scans or self.train_scans[:2]
-        return self._loader(self._dataset(scans, False), shuffle=False)
+        return self._loader(self._cached_dataset(False), shuffle=False)

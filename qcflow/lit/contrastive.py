@@ -8,8 +8,12 @@ encoder embeds the B queries, B positives and B·K corrupted copies. For query b
   queries, positives and corrupted copies -- plus b's own K corrupted copies;
 
 and the loss is :func:`qcflow.models.encoder.contrastive_loss` (mean over negatives, no
-temperature). Validation logs ``val/loss`` and saves a scatter of the codes coloured by the
-corruption each slice got (``<run>/figures/embedding_epochNNN.png``).
+temperature). Extension (``negatives='corrupted'``, off by default): of the other volumes,
+only their corrupted copies are negatives, so nothing pushes two uncorrupted volumes apart and
+the codes need not encode volume identity (anatomy, site).
+
+Validation logs ``val/loss`` and saves a scatter of the codes coloured by the corruption each
+slice got (``<run>/figures/embedding_epochNNN.png``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def build_pool(
-    query: Tensor, positive: Tensor, corrupted: Tensor, index: Tensor
+    query: Tensor, positive: Tensor, corrupted: Tensor, index: Tensor, negatives: str = "all"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Negative pool and mask for a batch of codes.
 
@@ -39,12 +43,16 @@ def build_pool(
         positive: ``(B, d)`` positive codes.
         corrupted: ``(B, K, d)`` codes of the corrupted query copies.
         index: ``(B,)`` volume index of each item (unique per volume across ranks).
+        negatives: ``'all'`` (paper): every entry of other volumes; ``'corrupted'``: only
+            the corrupted copies of other volumes (their queries and positives are left out).
 
     Returns:
         ``pool`` ``(M, d)`` with ``M = B (2 + K)`` (queries, positives, corrupted), ``owner``
         ``(M,)`` the volume of each pool entry, and ``mask`` ``(B, M)``: True for entries of
-        other volumes and for the query's own corrupted copies.
+        other volumes (``negatives``) and for the query's own corrupted copies.
     """
+    if negatives not in ("all", "corrupted"):
+        raise ValueError(f"negatives must be 'all' or 'corrupted', got {negatives!r}")
     b, k = corrupted.shape[:2]
     pool = torch.cat([query, positive, corrupted.reshape(b * k, -1)])
     owner = torch.cat([index, index, index.repeat_interleave(k)])
@@ -53,6 +61,8 @@ def build_pool(
     is_corrupt = torch.zeros(len(pool), dtype=torch.bool, device=index.device)
     is_corrupt[2 * b :] = True
     other_volume = owner[None, :] != index[:, None]
+    if negatives == "corrupted":
+        other_volume = other_volume & is_corrupt[None, :]
     own_corrupted = is_corrupt[None, :] & (source[None, :] == item[:, None])
     return pool, owner, other_volume | own_corrupted
 
@@ -67,6 +77,7 @@ class ContrastiveEncoder(pl.LightningModule):
         temperature: extension, ``None`` (paper) = no temperature.
         normalize: extension, False (paper) = raw dot products.
         gather: gather negatives across ranks under DDP (``self.all_gather``).
+        negatives: extension, ``'all'`` (paper) or ``'corrupted'`` (see :func:`build_pool`).
         figure_dir: where validation scatter plots go (``None``: not saved).
     """
 
@@ -78,8 +89,11 @@ class ContrastiveEncoder(pl.LightningModule):
         temperature: float | None = None,
         normalize: bool = False,
         gather: bool = True,
+        negatives: str = "all",
         figure_dir: str | None = None,
     ) -> None:
+        if negatives not in ("all", "corrupted"):
+            raise ValueError(f"negatives must be 'all' or 'corrupted', got {negatives!r}")
         super().__init__()
         self.save_hyperparameters()
         self.encoder = ArtifactEncoder(**dict(encoder or {}))
@@ -107,7 +121,7 @@ class ContrastiveEncoder(pl.LightningModule):
         mq, mp, mc = self._codes(batch)
         index = torch.as_tensor(batch["index"], device=mq.device)
         gq, gp, gc, gi = (self._gather(t) for t in (mq, mp, mc, index))
-        pool, _, mask = build_pool(gq, gp, gc, gi)
+        pool, _, mask = build_pool(gq, gp, gc, gi, self.hparams.get("negatives", "all"))
         # rows of this rank's items within the gathered batch
         offset = self.global_rank * len(mq) if len(gq) > len(mq) else 0
         rows = torch.arange(offset, offset + len(mq), device=mq.device)

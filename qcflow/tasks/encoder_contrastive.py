@@ -52,6 +52,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         queries_per_volume=int(ccfg.get("queries_per_volume", 4)),
         n_corrupt=int(ccfg.get("n_corrupt", 1)),
         val_queries_per_volume=int(ccfg.get("val_queries_per_volume", 2)),
+        negatives_3d=bool(ccfg.get("negatives_3d", False)),
+        bank_size=int(ccfg.get("bank_size", 4)),
+        bank_reuse=int(ccfg.get("bank_reuse", 16)),
     )
     dm.prepare()
     t_data = time.perf_counter() - t0

@@ -7,7 +7,8 @@ checkpoint it used --, embeds every scan of the evaluation sets (default: the em
 
 * contingency table, sensitivity and specificity at each τ; AUROC of -log p_M(m);
 * detection rate per artifact kind and per severity at each τ; the mean over kinds the
-  encoder's negatives never simulate;
+  encoder's negatives never simulate (``evaluate.simulated_kinds``; ``null`` reads the kinds
+  from the encoder run's own ``augment`` config, :func:`simulated_kinds_of`);
 * classical IQM baselines (:mod:`qcflow.qc.iqm`: SNR, CNR, CJV, EFC, FBER), each thresholded
   at the same τ percentile of its distribution over the training volumes (one- or two-sided,
   ``evaluate.baselines``), with their own AUROC;
@@ -36,7 +37,7 @@ from qcflow.tasks.flow_density import embed_volumes, load_encoder, load_flow, re
 from qcflow.utils.runs import find_latest_run
 from qcflow.utils.wandb import log_images, log_table
 
-__all__ = ["run", "read_artifact_table"]
+__all__ = ["run", "read_artifact_table", "simulated_kinds_of"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,31 @@ def read_artifact_table(root: str | Path) -> dict[str, dict[str, Any]]:
     with path.open() as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     return {r["participant_id"]: {"kind": r["kind"], "severity": int(r["severity"])} for r in rows}
+
+
+def simulated_kinds_of(encoder_checkpoint: str | Path) -> list[str] | None:
+    """Artifact kinds the encoder's corrupted negatives used, from its run's saved config.
+
+    Reads ``<run>/.hydra/config.yaml`` of the run that holds ``encoder_checkpoint``
+    (``<run>/checkpoints/*.ckpt``): every kind of its ``augment`` sampler that is enabled with a
+    non-zero ``p``. ``None`` when the config cannot be found.
+    """
+    from qcflow.kspace import KINDS
+
+    path = Path(str(encoder_checkpoint)).resolve().parent.parent / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return None
+    augment = OmegaConf.load(path).get("augment")
+    if not augment or float(augment.get("rate", 1.0)) <= 0.0:
+        return [] if augment is not None else None
+    kinds = []
+    for kind in KINDS:
+        value = augment.get(kind)
+        if value is None or value is False:
+            continue
+        if value is True or float(value.get("p", 1.0)) > 0.0:
+            kinds.append(kind)
+    return kinds
 
 
 def _data_cfg(cfg: DictConfig, split: str | None, root: str | None) -> DictConfig:
@@ -195,7 +221,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         z = density.to_latent(m).numpy()
     flags = {tau: logp < density.threshold(tau) for tau in taus}
     results: dict[str, Any] = _detector_metrics(flags, -logp, labels)
-    simulated = set(ecfg.get("simulated_kinds") or [])
+    if ecfg.get("simulated_kinds") is not None:
+        simulated = set(ecfg.simulated_kinds)
+    else:  # what the encoder's negatives actually used (default: the paper's noise + motion)
+        found = simulated_kinds_of(bundle["encoder_checkpoint"])
+        simulated = set(found if found is not None else ("noise", "motion"))
+    results["simulated_kinds"] = sorted(simulated)
     for tau, f in flags.items():
         key = tau_key(tau)
         per_kind = det.detection_rates(f, kinds)
