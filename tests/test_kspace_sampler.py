@@ -148,6 +148,8 @@ EXPECTED = {
     "bias": ("bias",),
     "all": KINDS,
     "paper_contrastive": ("motion", "noise"),
+    "contrastive_all": ("bias", "motion", "spike", "noise", "blur", "wrap"),
+    "contrastive_mild": ("bias", "motion", "spike", "noise", "blur", "wrap"),
     "none": (),
 }
 
