@@ -149,3 +149,32 @@ def test_two_process_scoring_equals_one(student_run: Path, folder: Path, tmp_pat
     import pandas as pd
 
     pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-5)
+
+
+def test_report_attributes_flagged_scans_to_kinds(tmp_path: Path) -> None:
+    """Flagged scans get a card with per-kind variance bars scaled to their largest kind."""
+    import re
+
+    import pandas as pd
+
+    from qcflow.qc.report import write_report
+
+    (tmp_path / "thumbs").mkdir()
+    (tmp_path / "thumbs" / "b.png").write_bytes(b"\x89PNG")
+    table = pd.DataFrame(
+        [
+            {"scan_id": "a", "qc_decision": "pass", "artifact_variance_total": 0.2,
+             "artifact_variance_noise": 0.1, "artifact_variance_blur": 0.1, "status": "ok"},
+            {"scan_id": "b", "qc_decision": "fail", "artifact_variance_total": 0.6,
+             "artifact_variance_noise": 0.5, "artifact_variance_blur": 0.1, "status": "ok"},
+            {"scan_id": "c", "qc_decision": None, "artifact_variance_total": None,
+             "artifact_variance_noise": None, "artifact_variance_blur": None, "status": "error"},
+        ]
+    )  # fmt: skip
+    report = write_report(table, tmp_path, {"fail_tau": 0.03}, None, {"b": "thumbs/b.png"})
+    check_report(report, ["a", "b", "c"])
+    text = report.read_text()
+    cards = re.findall(r"<div class='card'>(.*?)</div></div>", text)
+    assert len(cards) == 1 and ">b" in cards[0] and "thumbs/b.png" in cards[0]
+    bars = dict(re.findall(r"<span>(\w+)</span><i style=\"width:(\d+)px\">", cards[0]))
+    assert bars == {"blur": "20", "noise": "100"}  # 0.1 / 0.5 of the largest kind
