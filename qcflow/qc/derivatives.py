@@ -17,22 +17,26 @@ so viewers overlay them on the original scan. Every file is written atomically.
 
 from __future__ import annotations
 
-import gzip
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from qcflow.data.discovery import Scan
-from qcflow.utils.io import atomic_path, atomic_write_json
+from qcflow.utils.io import atomic_write_json
 
 __all__ = ["DERIVATIVES", "scan_folder", "write_maps", "write_description"]
 
 #: derivatives folder under a scoring run
 DERIVATIVES = Path("derivatives") / "qcflow"
+
+
+def _entities(name: str) -> str:
+    """BIDS entities + suffix of a map: ``seg`` -> ``desc-gm_dseg``; ``var-<source>`` and
+    ``entropy`` -> ``desc-<source|entropy>_uncertainty``."""
+    return "desc-gm_dseg" if name == "seg" else f"desc-{name.removeprefix('var-')}_uncertainty"
 
 
 def scan_folder(scan: Scan) -> Path:
@@ -43,15 +47,6 @@ def scan_folder(scan: Scan) -> Path:
             folder = folder / f"ses-{scan.session}"
         return folder / "anat"
     return Path(scan.scan_id)
-
-
-def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
-    img.header.set_xyzt_units("mm")
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(gzip.compress(img.to_bytes(), compresslevel=1))
 
 
 def write_description(root: str | Path) -> Path:
@@ -83,19 +78,14 @@ def write_maps(
 ) -> dict[str, str]:
     """Write one scan's segmentation and variance maps; returns ``name -> path`` (relative to
     ``root``)."""
+    from qcflow.qc.segmentation import prediction_maps, save_nifti
+
     root = Path(root)
     folder = scan_folder(scan)
-    maps: dict[str, tuple[str, Tensor]] = {"seg": ("desc-gm_dseg", pred["segmentation"])}
-    for source in sources:
-        maps[f"var-{source}"] = (f"desc-{source}_uncertainty", pred[f"var_{source}"])
-    maps["var-artifact"] = ("desc-artifact_uncertainty", pred["var_artifact"])
-    maps["entropy"] = ("desc-entropy_uncertainty", pred["entropy"])
     files: dict[str, str] = {}
-    for name, (entities, tensor) in maps.items():
-        arr = tensor.detach().to("cpu", torch.float32).numpy()
-        arr = arr.astype(np.uint8) if name == "seg" else arr
-        rel = folder / f"{scan.scan_id}_{entities}.nii.gz"
-        _save_nifti(root / rel, arr, affine)
+    for name, tensor in prediction_maps(pred, sources).items():
+        rel = folder / f"{scan.scan_id}_{_entities(name)}.nii.gz"
+        save_nifti(root / rel, tensor, affine)
         files[name] = str(rel)
     record = {"scan_id": scan.scan_id, "source_file": str(scan.path), "sources": list(sources)}
     record.update({**dict(summary or {}), "files": files})

@@ -4,7 +4,8 @@
 * :func:`predict_volume`: sliding-window prediction of a whole volume with a two-head network:
   segmentation, ``sigma_t^2``, each ``sigma_i^2``, the entropy of ``softmax(f / sigma^2)``
   (``sigma^2`` the variance sum) and the GM volume with an error bar;
-* :func:`summarize_prediction` / :func:`write_prediction`: per-scan JSON summary and NIfTI maps.
+* :func:`summarize_prediction` / :func:`write_prediction`: per-scan JSON summary and NIfTI maps
+  (:func:`prediction_maps` + :func:`save_nifti`, shared with the scoring derivatives).
 
 GM volume error bar (Shaw et al. 2021): each voxel's entropy ``H`` is turned into a variance with
 the Gaussian variance-entropy relation ``sigma_v^2 = exp(2 H) / (2 pi e)``; the volume variance is
@@ -14,7 +15,7 @@ times the voxel volume. Note that a fully confident voxel (``H = 0``) still cont
 error bar has a floor that grows with the number of voxels summed (``volume_mask``: the head by
 default); its *changes* with image quality are what carry the information.
 
-Pure tensor / NumPy functions except :func:`write_prediction` (NIfTI + JSON files).
+Pure tensor / NumPy functions except :func:`save_nifti` and :func:`write_prediction` (files).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ __all__ = [
     "entropy_map",
     "predict_volume",
     "summarize_prediction",
+    "prediction_maps",
+    "save_nifti",
     "write_prediction",
 ]
 
@@ -159,6 +162,31 @@ def summarize_prediction(
     return out
 
 
+def prediction_maps(pred: Mapping[str, Tensor], sources: Sequence[str]) -> dict[str, Tensor]:
+    """The per-scan maps that are written: ``seg`` (uint8), ``var-<source>`` for every source,
+    ``var-artifact`` and ``entropy`` (float32), on the CPU."""
+    maps = {"seg": pred["segmentation"].to("cpu", torch.uint8)}
+    maps.update({f"var-{s}": pred[f"var_{s}"] for s in sources})
+    maps["var-artifact"] = pred["var_artifact"]
+    maps["entropy"] = pred["entropy"]
+    return {k: v if k == "seg" else v.detach().to("cpu", torch.float32) for k, v in maps.items()}
+
+
+def save_nifti(path: str | Path, tensor: Tensor, affine: np.ndarray) -> Path:
+    """Write ``tensor`` as a gzipped NIfTI (millimetre units), atomically."""
+    import gzip
+
+    import nibabel as nib
+
+    from qcflow.utils.io import atomic_path
+
+    img = nib.Nifti1Image(tensor.numpy(), np.asarray(affine, dtype=np.float64))
+    img.header.set_xyzt_units("mm")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(gzip.compress(img.to_bytes(), compresslevel=1))
+    return Path(path)
+
+
 def write_prediction(
     out_dir: str | Path,
     scan_id: str,
@@ -174,20 +202,13 @@ def write_prediction(
     """
     import json
 
-    import nibabel as nib
+    from qcflow.utils.io import atomic_write_text
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    maps = {"seg": pred["segmentation"].to(torch.uint8), "entropy": pred["entropy"]}
-    maps.update({f"var-{s}": pred[f"var_{s}"] for s in sources})
-    maps["var-artifact"] = pred["var_artifact"]
-    files = {}
-    for name, tensor in maps.items():
-        arr = tensor.cpu().numpy()
-        arr = arr.astype(np.uint8) if name == "seg" else arr.astype(np.float32)
-        path = out_dir / f"{scan_id}_{name}.nii.gz"
-        nib.save(nib.Nifti1Image(arr, affine), str(path))
-        files[name] = str(path)
+    files = {
+        name: str(save_nifti(out_dir / f"{scan_id}_{name}.nii.gz", tensor, affine))
+        for name, tensor in prediction_maps(pred, sources).items()
+    }
     record = {"scan_id": scan_id, "sources": list(sources), **dict(summary or {}), "files": files}
-    (out_dir / f"{scan_id}.json").write_text(json.dumps(record, indent=2, default=float))
+    atomic_write_text(out_dir / f"{scan_id}.json", json.dumps(record, indent=2, default=float))
     return files
