@@ -309,6 +309,11 @@ class ScoreTable:
         self._dirty = 0
 
     @staticmethod
+    def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+        """Rows of a read table as dicts, missing values as ``None`` (as :meth:`add` takes them)."""
+        return frame.astype(object).where(frame.notna(), None).to_dict("records")
+
+    @staticmethod
     def read(path: str | Path) -> pd.DataFrame:
         """A scores.tsv as written by :meth:`flush` (``n/a`` -> NaN, ids as strings)."""
         return pd.read_csv(
@@ -325,10 +330,7 @@ def _reusable(previous: pd.DataFrame | None, model_id: str) -> dict[tuple[str, s
     if previous is None or previous.empty:
         return {}
     keep = previous[previous["model_id"].astype(str) == model_id]
-    return {
-        (str(r["path"]), str(r["file_sha1"])): r
-        for r in keep.astype(object).where(keep.notna(), None).to_dict("records")
-    }
+    return {(str(r["path"]), str(r["file_sha1"])): r for r in ScoreTable.records(keep)}
 
 
 def score_scans(
@@ -427,10 +429,8 @@ def score_scans(
             return None
         for rank in range(1, trainer.world_size):
             part = rank_table_path(table.path, rank)
-            for row in ScoreTable.read(part).astype(object).to_dict("records"):
-                table.rows[str(row["scan_id"])] = {
-                    k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()
-                }
+            for row in ScoreTable.records(ScoreTable.read(part)):
+                table.rows[str(row["scan_id"])] = row
             part.unlink()
         table.flush()
     return table.frame()
