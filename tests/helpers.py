@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
+from qcflow.api import compose_config
 from qcflow.cli import config_dir
 
 __all__ = ["compose_cfg", "run_cli", "EXPERIMENTS", "check_report"]
@@ -19,12 +19,7 @@ EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"
 
 def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
     """Compose ``conf/config.yaml`` like the CLI does, with ``paths.output_dir`` made concrete."""
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    OmegaConf.resolve(cfg)
-    return cfg
+    return compose_config(overrides, output_dir)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
