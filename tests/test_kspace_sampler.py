@@ -73,6 +73,22 @@ def test_rate_and_per_kind_probabilities() -> None:
     assert not any(none.sample() for _ in range(20))
 
 
+def test_exclusive_gives_exactly_one_kind_in_proportion_to_p() -> None:
+    aug = RandomArtifacts(
+        rate=0.5, noise={"p": 0.6}, blur={"p": 0.2}, wrap={"p": 0.2}, exclusive=True, seed=3
+    )
+    draws = [aug.sample() for _ in range(1000)]
+    corrupted = [d for d in draws if d]
+    assert abs(len(corrupted) / len(draws) - 0.5) < 0.06
+    assert all(len(d.kinds) == 1 for d in corrupted)
+    frac = {k: sum(d.kinds == (k,) for d in corrupted) / len(corrupted) for k in aug.kinds}
+    assert abs(frac["noise"] - 0.6) < 0.07 and abs(frac["blur"] - 0.2) < 0.06
+    # without exclusive, p = 0.6/0.2/0.2 gives multi-kind images
+    mixed = RandomArtifacts(rate=1.0, noise={"p": 0.6}, blur={"p": 0.6}, seed=3)
+    assert any(len(mixed.sample().kinds) == 2 for _ in range(50))
+    assert not RandomArtifacts(rate=1.0, noise={"p": 0.0}, exclusive=True).sample()
+
+
 def test_ranges_are_respected() -> None:
     aug = RandomArtifacts(
         rate=1.0,

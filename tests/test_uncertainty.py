@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qcflow.lit.callbacks import EpsilonSchedule
-from qcflow.lit.uncertainty import UncertaintySeg, sources_for
+from qcflow.lit.uncertainty import PairedPatchDataModule, UncertaintySeg, sources_for
 from qcflow.models.unet import TwoHeadUNet
 
 TINY = {"filters": [4, 8, 16], "deep_supervision": False}
@@ -211,3 +211,103 @@ def test_hce_task_var_reference_uses_the_frozen_task_variance() -> None:
     assert torch.all(grad[2] == 0) and grad[3].abs().sum() > 0
     with pytest.raises(ValueError, match="hce_task_var"):
         UncertaintySeg("teacher", ["noise"], net=TINY, hce_task_var="mine")
+
+
+class _EchoTeacher(torch.nn.Module):
+    """A stand-in frozen teacher whose sigma_i^2 is a fingerprint of its input."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_var = torch.cat([torch.zeros_like(x), x.log()], dim=1)
+        return torch.cat([x, -x], dim=1), log_var
+
+
+def test_student_own_kind_targets_show_teacher_i_the_clean_patch_without_kind_i() -> None:
+    batch = _batch(b=3)
+    kinds_per_sample = [["noise"], [], ["blur", "noise"]]
+    teachers = {k: _EchoTeacher() for k in KINDS}
+    args = dict(net=TINY, task_net=_task_net(), teacher_nets=teachers)
+    own = UncertaintySeg("student", KINDS, student_targets="own_kind", **args)
+    ref = own.reference_variances(batch["image"], batch["image_clean"], kinds_per_sample)
+    assert ref.shape == (3, 6, 8, 8, 8)
+    for c, kind in enumerate(KINDS, start=1):
+        for b, applied in enumerate(kinds_per_sample):
+            seen = batch["image"][b] if kind in applied else batch["image_clean"][b]
+            torch.testing.assert_close(ref[b, c], seen[0])
+    # 'corrupted' (the paper's wording): every teacher sees the corrupted input
+    cor = UncertaintySeg("student", KINDS, **args)
+    ref_c = cor.reference_variances(batch["image"], batch["image_clean"], kinds_per_sample)
+    for c in range(1, 6):
+        torch.testing.assert_close(ref_c[:, c], batch["image"][:, 0])
+    with pytest.raises(ValueError, match="artifact_kinds"):
+        own.compute_loss(batch)
+    own.compute_loss({**batch, "artifact_kinds": kinds_per_sample})["loss"].backward()
+    with pytest.raises(ValueError, match="student_targets"):
+        UncertaintySeg("student", KINDS, net=TINY, student_targets="mixed")
+
+
+def test_paired_patches_carry_the_applied_kinds(small_embedded, tmp_path) -> None:
+    from qcflow.kspace import RandomArtifacts
+    from tests.helpers import compose_cfg
+
+    cfg = compose_cfg(
+        [
+            f"data.root={small_embedded / 'train'}",
+            "data.spacing=4",
+            "data.batch_size=4",
+            "data.patch_size=[16,16,16]",
+            "data.samples_per_volume=2",
+            "data.queue_length=8",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.val_fraction=0.25",
+        ],
+        tmp_path,
+    )
+    sampler = RandomArtifacts(
+        rate=0.5, noise={"p": 1.0}, blur={"p": 1.0}, exclusive=True, spacing=(4, 4, 4)
+    )
+    dm = PairedPatchDataModule(cfg.data, sampler=sampler)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    seen: list[list[str]] = []
+    for batch in dm.train_dataloader():
+        seen += batch["artifact_kinds"]
+        for b, applied in enumerate(batch["artifact_kinds"]):
+            diff = float((batch["image"][b] - batch["image_clean"][b]).abs().max())
+            # a clean draw is only min-max rescaled by the pipeline
+            assert (diff > 1e-2) if applied else (diff < 1e-3), (applied, diff)
+    assert all(len(k) <= 1 and set(k) <= {"noise", "blur"} for k in seen)
+    assert any(seen) and not all(seen)
+    val = next(iter(dm.val_dataloader()))
+    assert val["artifact_kinds"] == [[]] * len(val["artifact_kinds"])
+
+
+def test_clean_artifact_var_zero_leaves_clean_samples_out_of_the_sum_and_pulls_to_zero() -> None:
+    torch.manual_seed(0)
+    task = _task_net()
+    free = UncertaintySeg("teacher", ["noise"], net=TINY, task_net=task, init_log_var=-1.0)
+    zero = UncertaintySeg(
+        "teacher", ["noise"], net=TINY, task_net=task, init_log_var=-1.0, clean_artifact_var="zero"
+    )
+    zero.net.load_state_dict(free.net.state_dict())
+    batch = _batch()
+    # every sample corrupted: identical to the paper's loss
+    corrupted = {**batch, "artifact_kinds": [["noise"], ["noise"]]}
+    l_free, l_zero = free.compute_loss(corrupted), zero.compute_loss(corrupted)
+    torch.testing.assert_close(l_free["loss"], l_zero["loss"])
+    assert "clean_artifact_var" not in l_zero
+    # every sample clean: the artifact channel is out of the CE and pulled to 0
+    clean = {**batch, "artifact_kinds": [[], []]}
+    l_zero = zero.compute_loss(clean)
+    _, log_var = zero(batch["image"])
+    torch.testing.assert_close(l_zero["clean_artifact_var"], log_var[:, 1].exp().mean())
+    zero.zero_grad()
+    l_zero["seg"].backward()
+    grad = zero.net.heads()[0].weight.grad
+    assert torch.all(grad[3] == 0) and torch.isfinite(grad).all()
+    zero.zero_grad()
+    zero.compute_loss(clean)["loss"].backward()
+    assert zero.net.heads()[0].bias.grad[3] > 0  # gradient descent lowers sigma_noise^2
+    with pytest.raises(ValueError, match="artifact_kinds"):
+        zero.compute_loss(batch)
+    with pytest.raises(ValueError, match="clean_artifact_var"):
+        UncertaintySeg("teacher", ["noise"], net=TINY, clean_artifact_var="none")

@@ -328,6 +328,9 @@ class RandomArtifacts:
             :func:`~qcflow.kspace.pipeline.apply_artifacts`.
         device: where training applies it: ``'loader'`` (per volume, in the DataLoader) or
             ``'batch'`` (on the accelerator after transfer, :mod:`qcflow.kspace.lightning`).
+        exclusive: a corrupted image gets exactly one kind, drawn with probability
+            proportional to the kinds' ``p`` (default: each kind independently with its ``p``,
+            at least one). Gives single-kind samples whose kind is the label.
         seed: seed of the parameter draws (``None``: torch's global RNG, see module docstring).
 
     Example:
@@ -351,6 +354,7 @@ class RandomArtifacts:
         rescale: bool = True,
         strategy: Strategy = "auto",
         device: Literal["loader", "batch"] = "loader",
+        exclusive: bool = False,
         seed: int | None = None,
     ) -> None:
         self.rate = _prob(rate, "rate")
@@ -374,6 +378,7 @@ class RandomArtifacts:
         if device not in ("loader", "batch"):
             raise ValueError(f"device must be 'loader' or 'batch', got {device!r}")
         self.device = device
+        self.exclusive = bool(exclusive)
         self.seed = None if seed is None else int(seed)
         self._gen: torch.Generator | None = None
         self._gen_pid: int | None = None
@@ -425,6 +430,11 @@ class RandomArtifacts:
         if not kinds or d.uniform(0.0, 1.0) >= self.rate:
             return ArtifactParams()
         probs = torch.tensor([self.ranges[k].p for k in kinds], dtype=torch.float64)
+        if self.exclusive:
+            if float(probs.sum()) == 0.0:
+                return ArtifactParams()
+            pick = int(torch.multinomial(probs, 1, generator=d.g)[0])
+            return ArtifactParams(**{kinds[pick]: self.ranges[kinds[pick]].sample(d)})
         chosen = (d.rand(len(kinds)) < probs).tolist()
         if not any(chosen):
             if float(probs.sum()) == 0.0:

@@ -34,6 +34,8 @@ __all__ = [
     "ROLES",
     "DEFAULT_KINDS",
     "HCE_TASK_VAR",
+    "STUDENT_TARGETS",
+    "CLEAN_ARTIFACT_VAR",
     "sources_for",
     "scale_row_updates",
     "UncertaintySeg",
@@ -44,6 +46,10 @@ ROLES = ("task", "teacher", "student")
 DEFAULT_KINDS = ("spike", "noise", "blur", "wrap", "motion")
 #: which task variance enters a teacher's / student's heteroscedastic variance sum
 HCE_TASK_VAR = ("own", "reference")
+#: what frozen teacher i sees when it makes the student's target for channel i
+STUDENT_TARGETS = ("corrupted", "own_kind")
+#: what the artifact channels of a teacher / student learn on samples without any artifact
+CLEAN_ARTIFACT_VAR = ("free", "zero")
 
 
 def sources_for(role: str, kinds: Sequence[str]) -> list[str]:
@@ -132,6 +138,20 @@ class UncertaintySeg(pl.LightningModule):
             frozen task network's on the clean patch, detached), so the uncertainty that the
             corruption adds can only be explained by the artifact channels; the own
             ``sigma_t^2`` channel then learns from the consistency loss alone.
+        student_targets: what frozen teacher i sees when it makes the target of the student's
+            channel i: ``corrupted`` (the student's input, every applied kind: the paper's
+            wording) or ``own_kind`` (the input if kind i was applied to this sample, else the
+            clean patch): a teacher that never saw kind j still reacts to it ("degraded"), so
+            with ``corrupted`` every channel learns every kind; with ``own_kind`` channel i is
+            taught to stay at its clean level on the other kinds. Exact for single-kind
+            samples (``RandomArtifacts(exclusive=True)``); needs ``batch["artifact_kinds"]``.
+        clean_artifact_var: on training samples without any artifact, ``free`` (the paper): the
+            artifact variances sit in the variance sum like everywhere, so they also absorb
+            segmentation errors of clean patches (boundaries) that the task variance leaves;
+            ``zero``: they leave the variance sum there and are pulled to 0 (mean sigma_i^2,
+            weight ``consistency_weight``), since a clean patch has no artifact uncertainty, so
+            a channel's level on clean images stays near 0 and rises only with its artifact.
+            Needs ``batch["artifact_kinds"]``.
 
     Shapes: ``forward(x (B, 1, D, H, W)) -> (logits (B, 2, D, H, W), log_var (B, K, D, H, W))``
     with K = 1 (task), 2 (teacher), 1 + len(kinds) (student).
@@ -154,10 +174,21 @@ class UncertaintySeg(pl.LightningModule):
         task_var_lr_mult: float = 1.0,
         artifact_lr_mult: float = 1.0,
         hce_task_var: str = "own",
+        student_targets: str = "corrupted",
+        clean_artifact_var: str = "free",
     ) -> None:
         super().__init__()
         if hce_task_var not in HCE_TASK_VAR:
             raise ValueError(f"hce_task_var must be one of {HCE_TASK_VAR}, got {hce_task_var!r}")
+        if student_targets not in STUDENT_TARGETS:
+            raise ValueError(
+                f"student_targets must be one of {STUDENT_TARGETS}, got {student_targets!r}"
+            )
+        if clean_artifact_var not in CLEAN_ARTIFACT_VAR:
+            raise ValueError(
+                f"clean_artifact_var must be one of {CLEAN_ARTIFACT_VAR}, "
+                f"got {clean_artifact_var!r}"
+            )
         if task_var_lr_mult < 0 or artifact_lr_mult < 0:
             raise ValueError(
                 f"lr multipliers must be >= 0, got {task_var_lr_mult}, {artifact_lr_mult}"
@@ -178,6 +209,8 @@ class UncertaintySeg(pl.LightningModule):
         self.task_var_lr_mult = float(task_var_lr_mult)
         self.artifact_lr_mult = float(artifact_lr_mult)
         self.hce_task_var = str(hce_task_var)
+        self.student_targets = str(student_targets)
+        self.clean_artifact_var = str(clean_artifact_var)
         # frozen stages are optional here (loading for inference); fitting checks them
         frozen: dict[str, nn.Module] = {}
         if task_net is not None and role != "task":
@@ -258,16 +291,34 @@ class UncertaintySeg(pl.LightningModule):
 
     # ------------------------------------------------------------------ targets
     @torch.no_grad()
-    def reference_variances(self, image: Tensor, image_clean: Tensor) -> Tensor:
+    def reference_variances(
+        self,
+        image: Tensor,
+        image_clean: Tensor,
+        artifact_kinds: Sequence[Sequence[str]] | None = None,
+    ) -> Tensor:
         """Frozen-network targets for each supervised log-variance channel ``(B, n, D, H, W)``.
 
         Teacher: ``[sigma_t^2(clean)]`` (its task channel only). Student:
-        ``[sigma_t^2(clean), sigma_i^2 of teacher i on image for each kind]``.
+        ``[sigma_t^2(clean), sigma_i^2 of teacher i for each kind]``, teacher i seeing ``image``
+        (``student_targets=corrupted``) or, per sample, ``image`` if kind i is among
+        ``artifact_kinds[b]`` and ``image_clean`` otherwise (``own_kind``).
         """
         targets = [self.frozen["task"](image_clean)[1][:, :1].exp()]
         if self.role == "student":
+            if self.student_targets == "own_kind" and artifact_kinds is None:
+                raise ValueError("student_targets='own_kind' needs the batch's 'artifact_kinds'")
             for kind in self.kinds:
-                targets.append(self.frozen[kind](image)[1][:, 1:2].exp())
+                seen = image
+                if self.student_targets == "own_kind":
+                    assert artifact_kinds is not None
+                    has = [kind in ks for ks in artifact_kinds]
+                    if not any(has):
+                        seen = image_clean
+                    elif not all(has):
+                        sel = torch.as_tensor(has, device=image.device).view(-1, 1, 1, 1, 1)
+                        seen = torch.where(sel, image, image_clean)
+                targets.append(self.frozen[kind](seen)[1][:, 1:2].exp())
         return torch.cat(targets, dim=1)
 
     def _weights(self, n: int) -> list[float]:
@@ -279,16 +330,23 @@ class UncertaintySeg(pl.LightningModule):
         """Heteroscedastic CE (all deep-supervision outputs) + consistency (full resolution)."""
         image, label = batch["image"], batch["label"]
         outs = self.net.forward_all(image)
-        ref = None
+        kinds = batch.get("artifact_kinds")
+        ref, clean = None, None
         if self.role != "task":
-            clean = batch.get("image_clean", image)
-            ref = self.reference_variances(image, clean)  # (B, n, D, H, W)
+            ref = self.reference_variances(image, batch.get("image_clean", image), kinds)
+            if self.clean_artifact_var == "zero":
+                if kinds is None:
+                    raise ValueError("clean_artifact_var='zero' needs the batch's 'artifact_kinds'")
+                clean = torch.as_tensor([not k for k in kinds], device=image.device)
+                clean = clean.view(-1, 1, 1, 1, 1)
 
         def summed(lv: Tensor) -> Tensor:
             # hce_task_var=reference: the frozen task network's sigma_t^2 replaces the own one
-            if ref is None or self.hce_task_var == "own":
-                return lv
-            return torch.cat([ref[:, :1].log(), lv[:, 1:]], dim=1)
+            task = lv[:, :1] if ref is None or self.hce_task_var == "own" else ref[:, :1].log()
+            art = lv[:, 1:]
+            if clean is not None:  # clean samples: no artifact term in the variance sum
+                art = torch.where(clean, torch.full_like(art, float("-inf")), art)
+            return torch.cat([task, art], dim=1)
 
         weights = self._weights(len(outs))
         seg = sum(
@@ -306,6 +364,11 @@ class UncertaintySeg(pl.LightningModule):
                 )
                 / ref.shape[1]
             )
+            if clean is not None and bool(clean.any()):
+                # clean samples: every artifact channel is pulled to zero
+                art = log_var[clean.view(-1), 1:].exp()
+                out["clean_artifact_var"] = art.mean()
+                cons = cons + out["clean_artifact_var"]
             out["consistency"] = cons
             out["loss"] = seg + self.consistency_weight * cons
         with torch.no_grad():
@@ -341,12 +404,23 @@ class _KeepClean(tio.Transform):
         return subject
 
 
+#: Subject key of the applied artifact records (JSON, see ``records_from_subject``)
+RECORD_KEY = "artifacts"
+
+
 def _paired_collate(batch: list[tio.Subject]) -> dict[str, Any]:
+    """Adds ``image_clean`` and ``artifact_kinds`` (per sample, the kinds applied to ``image``)."""
+    from qcflow.kspace.torchio_adapter import records_from_subject
+
     out = _patch_collate(batch)
     if "image_clean" in batch[0]:
         out["image_clean"] = torch.stack([s["image_clean"].data for s in batch])
     else:  # clean training / validation: the image is its own clean version
         out["image_clean"] = out["image"]
+    out["artifact_kinds"] = [
+        list(records_from_subject(s, RECORD_KEY)["image"]["kinds"]) if RECORD_KEY in s else []
+        for s in batch
+    ]
     return out
 
 
@@ -368,7 +442,10 @@ class PairedPatchDataModule(PatchDataModule):
             from qcflow.kspace.torchio_adapter import RandomKSpaceArtifacts
 
             transform = tio.Compose(
-                [_KeepClean(), RandomKSpaceArtifacts(sampler, record_key=None, include=["image"])]
+                [
+                    _KeepClean(),
+                    RandomKSpaceArtifacts(sampler, record_key=RECORD_KEY, include=["image"]),
+                ]
             )
         super().__init__(data_cfg, with_label=True, transform=transform)
 

@@ -46,6 +46,7 @@ def build_sampler(cfg: DictConfig, kinds: list[str]) -> Any:
         else:
             aug[kind]["p"] = float(ucfg.kind_p)
     aug["rate"] = float(ucfg.artifact_rate)
+    aug["exclusive"] = bool(ucfg.get("exclusive_kinds", False))
     aug["device"] = "loader"
     aug["spacing"] = [float(cfg.data.spacing)] * 3
     return instantiate(aug)
@@ -89,6 +90,8 @@ def build_module(cfg: DictConfig) -> UncertaintySeg:
         task_var_lr_mult=float(ucfg.get("task_var_lr_mult", 1.0)),
         artifact_lr_mult=float(ucfg.get("artifact_lr_mult", 1.0)),
         hce_task_var=str(ucfg.get("hce_task_var", "own")),
+        student_targets=str(ucfg.get("student_targets", "corrupted")),
+        clean_artifact_var=str(ucfg.get("clean_artifact_var", "free")),
     )
 
 
