@@ -281,33 +281,45 @@ def test_paired_patches_carry_the_applied_kinds(small_embedded, tmp_path) -> Non
     assert val["artifact_kinds"] == [[]] * len(val["artifact_kinds"])
 
 
-def test_clean_artifact_var_zero_leaves_clean_samples_out_of_the_sum_and_pulls_to_zero() -> None:
+def test_absent_kind_var_zero_leaves_absent_kinds_out_of_the_sum_and_pulls_to_zero() -> None:
     torch.manual_seed(0)
     task = _task_net()
     free = UncertaintySeg("teacher", ["noise"], net=TINY, task_net=task, init_log_var=-1.0)
     zero = UncertaintySeg(
-        "teacher", ["noise"], net=TINY, task_net=task, init_log_var=-1.0, clean_artifact_var="zero"
+        "teacher", ["noise"], net=TINY, task_net=task, init_log_var=-1.0, absent_kind_var="zero"
     )
     zero.net.load_state_dict(free.net.state_dict())
     batch = _batch()
-    # every sample corrupted: identical to the paper's loss
-    corrupted = {**batch, "artifact_kinds": [["noise"], ["noise"]]}
-    l_free, l_zero = free.compute_loss(corrupted), zero.compute_loss(corrupted)
+    # every sample carries the teacher's kind: identical to the paper's loss
+    own = {**batch, "artifact_kinds": [["noise"], ["noise"]]}
+    l_free, l_zero = free.compute_loss(own), zero.compute_loss(own)
     torch.testing.assert_close(l_free["loss"], l_zero["loss"])
-    assert "clean_artifact_var" not in l_zero
-    # every sample clean: the artifact channel is out of the CE and pulled to 0
-    clean = {**batch, "artifact_kinds": [[], []]}
-    l_zero = zero.compute_loss(clean)
-    _, log_var = zero(batch["image"])
-    torch.testing.assert_close(l_zero["clean_artifact_var"], log_var[:, 1].exp().mean())
-    zero.zero_grad()
-    l_zero["seg"].backward()
-    grad = zero.net.heads()[0].weight.grad
-    assert torch.all(grad[3] == 0) and torch.isfinite(grad).all()
-    zero.zero_grad()
-    zero.compute_loss(clean)["loss"].backward()
-    assert zero.net.heads()[0].bias.grad[3] > 0  # gradient descent lowers sigma_noise^2
+    assert "absent_kind_var" not in l_zero
+    # clean or another kind: the artifact channel is out of the CE and pulled to 0
+    for kinds in ([[], []], [["blur"], []]):
+        absent = {**batch, "artifact_kinds": kinds}
+        l_zero = zero.compute_loss(absent)
+        _, log_var = zero(batch["image"])
+        torch.testing.assert_close(l_zero["absent_kind_var"], log_var[:, 1].exp().mean())
+        zero.zero_grad()
+        l_zero["seg"].backward()
+        grad = zero.net.heads()[0].weight.grad
+        assert torch.all(grad[3] == 0) and torch.isfinite(grad).all()
+        zero.zero_grad()
+        zero.compute_loss(absent)["loss"].backward()
+        assert zero.net.heads()[0].bias.grad[3] > 0  # gradient descent lowers sigma_noise^2
+    # a student: per sample and channel
+    teachers = {k: _teacher_net() for k in KINDS}
+    student = UncertaintySeg(
+        "student", KINDS, net=TINY, task_net=task, teacher_nets=teachers, absent_kind_var="zero"
+    )
+    kinds = [["noise"], []]
+    out = student.compute_loss({**batch, "artifact_kinds": kinds})
+    _, log_var = student(batch["image"])
+    var = log_var[:, 1:].exp().mean(dim=(2, 3, 4))  # (B, 5)
+    expected = torch.cat([var[0, [0, 2, 3, 4]], var[1]]).mean()
+    torch.testing.assert_close(out["absent_kind_var"], expected)
     with pytest.raises(ValueError, match="artifact_kinds"):
         zero.compute_loss(batch)
-    with pytest.raises(ValueError, match="clean_artifact_var"):
-        UncertaintySeg("teacher", ["noise"], net=TINY, clean_artifact_var="none")
+    with pytest.raises(ValueError, match="absent_kind_var"):
+        UncertaintySeg("teacher", ["noise"], net=TINY, absent_kind_var="none")

@@ -123,3 +123,23 @@ def test_chain_task_teachers_student_evaluate(small_embedded: Path, tmp_path: Pa
     assert (runs / "uncertainty_evaluate" / "chain" / "figures" / "dice_vs_measures.png").is_file()
     student = json.loads((runs / "uncertainty_student" / "chain" / "metrics.json").read_text())
     assert student["role"] == "student" and student["global_step"] == 2
+
+
+def test_teacher_sampler_with_negatives(tmp_path: Path) -> None:
+    from qcflow.tasks.uncertainty_train import build_sampler
+
+    over = ["experiment=uncertainty_teacher", "artifact=noise", "uncertainty.artifact_rate=1.0"]
+    cfg = compose_cfg([*over, "uncertainty.teacher_negatives=0.6"], tmp_path)
+    sampler = build_sampler(cfg, ["noise"], list(cfg.uncertainty.negative_kinds))
+    assert set(sampler.kinds) == {"spike", "noise", "blur", "wrap", "motion"}
+    torch.manual_seed(0)
+    draws = [sampler.sample().kinds for _ in range(500)]
+    assert all(len(k) == 1 for k in draws)
+    assert abs(sum(k == ("noise",) for k in draws) / len(draws) - 0.4) < 0.07
+    assert abs(sum(k == ("blur",) for k in draws) / len(draws) - 0.15) < 0.05
+    plain = compose_cfg(over, tmp_path / "plain")
+    sampler = build_sampler(plain, ["noise"], list(plain.uncertainty.negative_kinds))
+    assert sampler.kinds == ("noise",) and not sampler.exclusive
+    bad = compose_cfg([*over, "uncertainty.teacher_negatives=1.0"], tmp_path / "bad")
+    with pytest.raises(Exception, match="teacher_negatives"):
+        build_sampler(bad, ["noise"], ["noise", "blur"])

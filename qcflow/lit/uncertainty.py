@@ -35,7 +35,7 @@ __all__ = [
     "DEFAULT_KINDS",
     "HCE_TASK_VAR",
     "STUDENT_TARGETS",
-    "CLEAN_ARTIFACT_VAR",
+    "ABSENT_KIND_VAR",
     "sources_for",
     "scale_row_updates",
     "UncertaintySeg",
@@ -48,8 +48,8 @@ DEFAULT_KINDS = ("spike", "noise", "blur", "wrap", "motion")
 HCE_TASK_VAR = ("own", "reference")
 #: what frozen teacher i sees when it makes the student's target for channel i
 STUDENT_TARGETS = ("corrupted", "own_kind")
-#: what the artifact channels of a teacher / student learn on samples without any artifact
-CLEAN_ARTIFACT_VAR = ("free", "zero")
+#: what artifact channel i of a teacher / student learns on samples without kind i
+ABSENT_KIND_VAR = ("free", "zero")
 
 
 def sources_for(role: str, kinds: Sequence[str]) -> list[str]:
@@ -145,12 +145,12 @@ class UncertaintySeg(pl.LightningModule):
             with ``corrupted`` every channel learns every kind; with ``own_kind`` channel i is
             taught to stay at its clean level on the other kinds. Exact for single-kind
             samples (``RandomArtifacts(exclusive=True)``); needs ``batch["artifact_kinds"]``.
-        clean_artifact_var: on training samples without any artifact, ``free`` (the paper): the
-            artifact variances sit in the variance sum like everywhere, so they also absorb
-            segmentation errors of clean patches (boundaries) that the task variance leaves;
-            ``zero``: they leave the variance sum there and are pulled to 0 (mean sigma_i^2,
-            weight ``consistency_weight``), since a clean patch has no artifact uncertainty, so
-            a channel's level on clean images stays near 0 and rises only with its artifact.
+        absent_kind_var: what artifact channel i learns on training samples that do not carry
+            kind i (clean ones, and for a student or a teacher with negatives, other kinds):
+            ``free`` (the paper): it sits in the variance sum like everywhere, so it also absorbs
+            segmentation errors that have other causes (boundaries, other kinds); ``zero``: it
+            leaves the variance sum there and is pulled to 0 (mean sigma_i^2 over those samples,
+            weight ``consistency_weight``): a channel stays near 0 unless its own kind is present.
             Needs ``batch["artifact_kinds"]``.
 
     Shapes: ``forward(x (B, 1, D, H, W)) -> (logits (B, 2, D, H, W), log_var (B, K, D, H, W))``
@@ -175,7 +175,7 @@ class UncertaintySeg(pl.LightningModule):
         artifact_lr_mult: float = 1.0,
         hce_task_var: str = "own",
         student_targets: str = "corrupted",
-        clean_artifact_var: str = "free",
+        absent_kind_var: str = "free",
     ) -> None:
         super().__init__()
         if hce_task_var not in HCE_TASK_VAR:
@@ -184,10 +184,9 @@ class UncertaintySeg(pl.LightningModule):
             raise ValueError(
                 f"student_targets must be one of {STUDENT_TARGETS}, got {student_targets!r}"
             )
-        if clean_artifact_var not in CLEAN_ARTIFACT_VAR:
+        if absent_kind_var not in ABSENT_KIND_VAR:
             raise ValueError(
-                f"clean_artifact_var must be one of {CLEAN_ARTIFACT_VAR}, "
-                f"got {clean_artifact_var!r}"
+                f"absent_kind_var must be one of {ABSENT_KIND_VAR}, got {absent_kind_var!r}"
             )
         if task_var_lr_mult < 0 or artifact_lr_mult < 0:
             raise ValueError(
@@ -210,7 +209,7 @@ class UncertaintySeg(pl.LightningModule):
         self.artifact_lr_mult = float(artifact_lr_mult)
         self.hce_task_var = str(hce_task_var)
         self.student_targets = str(student_targets)
-        self.clean_artifact_var = str(clean_artifact_var)
+        self.absent_kind_var = str(absent_kind_var)
         # frozen stages are optional here (loading for inference); fitting checks them
         frozen: dict[str, nn.Module] = {}
         if task_net is not None and role != "task":
@@ -331,21 +330,22 @@ class UncertaintySeg(pl.LightningModule):
         image, label = batch["image"], batch["label"]
         outs = self.net.forward_all(image)
         kinds = batch.get("artifact_kinds")
-        ref, clean = None, None
+        ref, absent = None, None
         if self.role != "task":
             ref = self.reference_variances(image, batch.get("image_clean", image), kinds)
-            if self.clean_artifact_var == "zero":
+            if self.absent_kind_var == "zero":
                 if kinds is None:
-                    raise ValueError("clean_artifact_var='zero' needs the batch's 'artifact_kinds'")
-                clean = torch.as_tensor([not k for k in kinds], device=image.device)
-                clean = clean.view(-1, 1, 1, 1, 1)
+                    raise ValueError("absent_kind_var='zero' needs the batch's 'artifact_kinds'")
+                absent = torch.as_tensor(
+                    [[k not in ks for k in self.kinds] for ks in kinds], device=image.device
+                ).view(len(kinds), len(self.kinds), 1, 1, 1)  # (B, K, 1, 1, 1)
 
         def summed(lv: Tensor) -> Tensor:
             # hce_task_var=reference: the frozen task network's sigma_t^2 replaces the own one
             task = lv[:, :1] if ref is None or self.hce_task_var == "own" else ref[:, :1].log()
             art = lv[:, 1:]
-            if clean is not None:  # clean samples: no artifact term in the variance sum
-                art = torch.where(clean, torch.full_like(art, float("-inf")), art)
+            if absent is not None:  # sigma_i^2 leaves the sum where kind i is absent
+                art = torch.where(absent, torch.full_like(art, float("-inf")), art)
             return torch.cat([task, art], dim=1)
 
         weights = self._weights(len(outs))
@@ -364,11 +364,11 @@ class UncertaintySeg(pl.LightningModule):
                 )
                 / ref.shape[1]
             )
-            if clean is not None and bool(clean.any()):
-                # clean samples: every artifact channel is pulled to zero
-                art = log_var[clean.view(-1), 1:].exp()
-                out["clean_artifact_var"] = art.mean()
-                cons = cons + out["clean_artifact_var"]
+            if absent is not None and bool(absent.any()):
+                # sigma_i^2 is pulled to zero where kind i is absent
+                art = log_var[:, 1:].exp().mean(dim=(2, 3, 4))  # (B, K)
+                out["absent_kind_var"] = art[absent.view(art.shape)].mean()
+                cons = cons + out["absent_kind_var"]
             out["consistency"] = cons
             out["loss"] = seg + self.consistency_weight * cons
         with torch.no_grad():

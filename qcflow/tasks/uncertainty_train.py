@@ -2,6 +2,8 @@
 
 * task: clean patches (no augmentation);
 * teacher: ``artifact`` only (``augment.<artifact>`` ranges, probability ``uncertainty.kind_p``),
+  or with ``uncertainty.teacher_negatives > 0`` also the other ``uncertainty.negative_kinds``
+  (one kind per corrupted volume),
   with the latest ``uncertainty_task`` run frozen (or ``uncertainty.task_ckpt``);
 * student: all ``uncertainty.kinds``, with the frozen task network and the latest teacher run per
   kind (experiments ``uncertainty_teacher_<kind>``, or ``uncertainty.teacher_ckpts.<kind>``).
@@ -29,8 +31,13 @@ __all__ = ["run", "build_sampler", "build_module"]
 log = logging.getLogger(__name__)
 
 
-def build_sampler(cfg: DictConfig, kinds: list[str]) -> Any:
-    """A ``RandomArtifacts`` with only ``kinds`` enabled (ranges from ``cfg.augment``)."""
+def build_sampler(cfg: DictConfig, kinds: list[str], negatives: list[str] | None = None) -> Any:
+    """A ``RandomArtifacts`` with only ``kinds`` enabled (ranges from ``cfg.augment``).
+
+    ``negatives``: other kinds a teacher also sees; then a corrupted volume gets exactly one
+    kind, its own with probability ``1 - uncertainty.teacher_negatives`` and each negative kind
+    with an equal share of the rest.
+    """
     if not kinds:
         return None
     if cfg.get("augment") is None:
@@ -38,15 +45,21 @@ def build_sampler(cfg: DictConfig, kinds: list[str]) -> Any:
     aug = OmegaConf.to_container(cfg.augment, resolve=True)
     assert isinstance(aug, dict)
     ucfg = cfg.uncertainty
+    negatives = [k for k in negatives or [] if k not in kinds]
+    frac = float(ucfg.get("teacher_negatives", 0.0)) if negatives else 0.0
+    if not 0.0 <= frac < 1.0:
+        raise ConfigError(f"uncertainty.teacher_negatives must be in [0, 1), got {frac}")
     for kind in ("spike", "noise", "blur", "wrap", "motion", "bias"):
-        if kind not in kinds:
+        if kind not in kinds and (kind not in negatives or frac == 0.0):
             aug[kind] = None
         elif not aug.get(kind):
             raise ConfigError(f"augment.{kind}: no ranges configured for artifact kind '{kind}'")
+        elif kind in kinds:
+            aug[kind]["p"] = float(ucfg.kind_p) * (1.0 - frac)
         else:
-            aug[kind]["p"] = float(ucfg.kind_p)
+            aug[kind]["p"] = frac / len(negatives)
     aug["rate"] = float(ucfg.artifact_rate)
-    aug["exclusive"] = bool(ucfg.get("exclusive_kinds", False))
+    aug["exclusive"] = bool(ucfg.get("exclusive_kinds", False)) or frac > 0.0
     aug["device"] = "loader"
     aug["spacing"] = [float(cfg.data.spacing)] * 3
     return instantiate(aug)
@@ -91,7 +104,7 @@ def build_module(cfg: DictConfig) -> UncertaintySeg:
         artifact_lr_mult=float(ucfg.get("artifact_lr_mult", 1.0)),
         hce_task_var=str(ucfg.get("hce_task_var", "own")),
         student_targets=str(ucfg.get("student_targets", "corrupted")),
-        clean_artifact_var=str(ucfg.get("clean_artifact_var", "free")),
+        absent_kind_var=str(ucfg.get("absent_kind_var", "free")),
     )
 
 
@@ -100,7 +113,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seed_all(cfg)
     ucfg = cfg.uncertainty
     module = build_module(cfg)
-    sampler = build_sampler(cfg, module.kinds)
+    negatives = None
+    if module.role == "teacher":
+        negatives = [str(k) for k in ucfg.get("negative_kinds") or []]
+    sampler = build_sampler(cfg, module.kinds, negatives)
     datamodule = PairedPatchDataModule(cfg.data, sampler=sampler)
     schedule = EpsilonSchedule(**OmegaConf.to_container(ucfg.schedule, resolve=True))  # type: ignore[arg-type]
     trainer = build_trainer(cfg, callbacks=[schedule])
