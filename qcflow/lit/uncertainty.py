@@ -364,11 +364,13 @@ class UncertaintySeg(pl.LightningModule):
                 )
                 / ref.shape[1]
             )
-            if absent is not None and bool(absent.any()):
-                # sigma_i^2 is pulled to zero where kind i is absent
+            if absent is not None:
+                # sigma_i^2 is pulled to zero where kind i is absent (always logged: DDP sync)
                 art = log_var[:, 1:].exp().mean(dim=(2, 3, 4))  # (B, K)
-                out["absent_kind_var"] = art[absent.view(art.shape)].mean()
-                cons = cons + out["absent_kind_var"]
+                mask = absent.view(art.shape)
+                pull = art[mask].mean() if bool(mask.any()) else art.sum() * 0.0
+                out["absent_kind_var"] = pull
+                cons = cons + pull
             out["consistency"] = cons
             out["loss"] = seg + self.consistency_weight * cons
         with torch.no_grad():
@@ -380,10 +382,12 @@ class UncertaintySeg(pl.LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         losses = self.compute_loss(batch)
         bs = batch["image"].shape[0]
-        self.log("train/loss", losses["loss"], on_step=True, on_epoch=True, batch_size=bs)
-        for k in ("seg", "consistency", "dice"):
+        # synced across ranks: the epsilon schedule's plateau decision must agree under DDP
+        log = {"batch_size": bs, "sync_dist": True}
+        self.log("train/loss", losses["loss"], on_step=True, on_epoch=True, **log)
+        for k in ("seg", "consistency", "dice", "absent_kind_var"):
             if k in losses:
-                self.log(f"train/{k}", losses[k], on_step=False, on_epoch=True, batch_size=bs)
+                self.log(f"train/{k}", losses[k], on_step=False, on_epoch=True, **log)
         self.log("train/eps", self.eps, on_step=False, on_epoch=True, batch_size=bs)
         return losses["loss"]
 
@@ -391,7 +395,7 @@ class UncertaintySeg(pl.LightningModule):
         losses = self.compute_loss(batch)
         bs = batch["image"].shape[0]
         for k, v in losses.items():
-            self.log(f"val/{k}", v, on_step=False, on_epoch=True, batch_size=bs)
+            self.log(f"val/{k}", v, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
 
 
 class _KeepClean(tio.Transform):
