@@ -1,17 +1,24 @@
-"""Atomic file and folder writes: a reader never sees a half-written output."""
+"""Atomic file and folder writes (a reader never sees a half-written output); flat scalars."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_dir", "atomic_path"]
+__all__ = [
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_dir",
+    "atomic_path",
+    "flatten_scalars",
+]
 
 
 @contextmanager
@@ -67,3 +74,25 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def flatten_scalars(d: Mapping[str, Any], prefix: str = "", finite: bool = False) -> dict[str, Any]:
+    """Nested mappings -> ``{"a.b": scalar}``; lists and other objects are dropped.
+
+    Args:
+        finite: keep only finite numbers (drops ``None`` and NaN/inf: W&B summaries); by
+            default ``None`` and NaN are kept (sweep tables show them as missing).
+    """
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten_scalars(v, f"{key}.", finite))
+        elif isinstance(v, (bool, int, str)):
+            out[key] = v
+        elif isinstance(v, float):
+            if math.isfinite(v) or not finite:
+                out[key] = v
+        elif v is None and not finite:
+            out[key] = v
+    return out

@@ -18,7 +18,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from qcflow.utils.io import atomic_path
+from qcflow.utils.io import atomic_path, flatten_scalars
 
 __all__ = ["SweepSummary", "summarize_sweep"]
 
@@ -26,17 +26,6 @@ log = logging.getLogger(__name__)
 
 #: metrics drawn against the swept value when present
 PLOT_METRICS = ("sensitivity", "specificity", "auroc", "val/loss", "train/loss")
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{key}."))
-        elif isinstance(v, (int, float, str, bool)) or v is None:
-            out[key] = v
-    return out
 
 
 def _tau_metrics(metrics: dict[str, Any], tau: Any) -> dict[str, Any]:
@@ -67,7 +56,7 @@ def summarize_sweep(sweep_dir: str | Path, x: str | None = None) -> pd.DataFrame
         metrics = json.loads(metrics_path.read_text())
         if x and x in row:
             row.update(_tau_metrics(metrics, row[x]))
-        row.update(_flatten(metrics))
+        row.update(flatten_scalars(metrics))
         rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:

@@ -22,13 +22,14 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 import netrc
 import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from qcflow.utils.io import flatten_scalars
 
 __all__ = [
     "wandb_mode",
@@ -228,22 +229,11 @@ def log_table(source: Any, name: str, table: Any) -> bool:
     return True
 
 
-def _flat_scalars(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flat_scalars(v, f"{key}."))
-        elif isinstance(v, (bool, int, str)) or (isinstance(v, float) and math.isfinite(v)):
-            out[key] = v
-    return out
-
-
 def log_summary(source: Any, results: Mapping[str, Any]) -> bool:
     """Put a task's results (nested dicts flattened to ``a.b`` keys, scalars only) into the
     run's summary, the numbers the W&B runs table shows and compares across a sweep."""
     run = active_run(source)
     if run is None:
         return False
-    run.summary.update(_flat_scalars(results))
+    run.summary.update(flatten_scalars(results, finite=True))
     return True
