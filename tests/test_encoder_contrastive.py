@@ -19,7 +19,12 @@ from qcflow.data.datamodule import VolumeDataModule
 from qcflow.data.datasets import ORIENTATIONS, central_indices, fit_square
 from qcflow.kspace import RandomArtifacts
 from qcflow.lit.contrastive import ContrastiveEncoder, build_pool
-from qcflow.models.encoder import ArtifactEncoder, contrastive_loss, volume_code
+from qcflow.models.encoder import (
+    ArtifactEncoder,
+    EncoderEnsemble,
+    contrastive_loss,
+    volume_code,
+)
 from tests.helpers import compose_cfg
 
 TINY = {"init_features": 4, "growth_rate": 2, "block_config": [1, 1], "bn_size": 1}
@@ -135,6 +140,23 @@ def test_encoder_shapes_and_volume_code(volumes) -> None:
     m = volume_code(enc, slices, batch_size=2)
     assert m.shape == (2,)
     torch.testing.assert_close(m, enc(slices).mean(0).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_encoder_ensemble_concatenates_member_codes(volumes) -> None:
+    torch.manual_seed(0)
+    a = ArtifactEncoder(latent_dim=2, **TINY).eval()
+    b = ArtifactEncoder(latent_dim=3, **TINY).eval()
+    ens = EncoderEnsemble([a, b]).eval()
+    assert ens.latent_dim == 5
+    slices = axial_stack(volumes.volume(0)["image"], 4, 32)
+    with torch.no_grad():
+        codes = ens(slices)
+        torch.testing.assert_close(codes, torch.cat([a(slices), b(slices)], 1))
+        assert not torch.allclose(codes[:, :2], codes[:, 2:4])  # two different members
+    m = volume_code(ens, slices, batch_size=3)  # the volume code of each member, side by side
+    torch.testing.assert_close(m, torch.cat([volume_code(a, slices), volume_code(b, slices)]))
+    with pytest.raises(ValueError, match="at least one"):
+        EncoderEnsemble([])
 
 
 def test_training_step_uses_the_loss(volumes) -> None:

@@ -96,6 +96,46 @@ def test_flow_and_evaluate_fast_dev_run(encoder_run: Path, tmp_path: Path) -> No
         assert (tmp_path / "eval" / "figures" / fig).stat().st_size > 0
 
 
+def test_flow_evaluate_and_score_with_an_encoder_ensemble(
+    encoder_run: Path, tmp_path: Path
+) -> None:
+    """flow.encoder_ckpt as a list: concatenated codes, a 2d-dimensional flow, all members kept."""
+    import torch
+
+    from qcflow.qc.scorers import DensityScorer
+    from qcflow.tasks import flow_density, iqc_evaluate
+
+    flow_dir = tmp_path / "flow"
+    ckpt = encoder_run / "checkpoints" / "last.ckpt"
+    ensemble = f"flow.encoder_ckpt=['{encoder_run}','{ckpt}']"  # a run folder and a file
+    cfg = compose_cfg(["experiment=flow_density", *TINY, *TINY_FLOW, "debug=fast", ensemble],
+                      flow_dir)  # fmt: skip
+    res = flow_density.run(cfg)
+    assert res["encoder_checkpoints"] == [str(ckpt), str(ckpt)]
+    codes = pd.read_csv(flow_dir / "codes_train.tsv", sep="\t")
+    assert [c for c in codes.columns if c.startswith("m")] == ["m1", "m2", "m3", "m4"]
+    # the same encoder twice: each member's code is the single encoder's code
+    assert (codes[["m1", "m2"]].to_numpy() == codes[["m3", "m4"]].to_numpy()).all()
+    bundle = torch.load(flow_dir / "flow.pt", weights_only=False)
+    assert bundle["flow_config"]["features"] == 4 and len(bundle["encoder_checkpoints"]) == 2
+
+    cfg = compose_cfg(
+        ["experiment=iqc_evaluate", *TINY, "debug=fast", f"evaluate.flow_run={flow_dir}",
+         "evaluate.baselines=null"],
+        tmp_path / "eval",
+    )  # fmt: skip
+    ev = iqc_evaluate.run(cfg)
+    assert 0.0 <= ev["auroc"] <= 1.0
+    assert set(ev["simulated_kinds"]) == {"noise", "motion"}  # read from the members' runs
+    assert (tmp_path / "eval" / "figures" / "roc.png").stat().st_size > 0  # no 2-D maps at d=4
+    scorer = DensityScorer(flow_dir)
+    assert scorer.columns[:4] == ("m_1", "m_2", "m_3", "m_4")
+
+    cfg = compose_cfg(["experiment=flow_density", *TINY, "flow.encoder_ckpt=[]"], tmp_path / "x")
+    with pytest.raises(ValueError, match="empty list"):
+        flow_density.run(cfg)
+
+
 def test_train_flow_evaluate_cli(small_embedded: Path, tmp_path: Path) -> None:
     """Three subprocesses; each later stage finds the earlier stage's latest run by name."""
     runs = tmp_path / "runs"

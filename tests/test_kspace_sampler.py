@@ -166,6 +166,7 @@ EXPECTED = {
     "paper_contrastive": ("motion", "noise"),
     "contrastive_all": ("bias", "motion", "spike", "noise", "blur", "wrap"),
     "contrastive_mild": ("bias", "motion", "spike", "noise", "blur", "wrap"),
+    "contrastive_graded": ("bias", "motion", "spike", "noise", "blur", "wrap"),
     "none": (),
 }
 
@@ -186,6 +187,24 @@ def test_augment_config_composes_and_instantiates(name: str) -> None:
     assert y.shape == phantom().shape
     assert set(record["kinds"]) <= set(EXPECTED[name])
     json.dumps(record)
+
+
+def test_contrastive_graded_spans_mild_to_severe_and_keeps_noise_below_clean_snr() -> None:
+    def ranges(name: str) -> dict:
+        with initialize_config_dir(config_dir=str(qcflow.cli.config_dir()), version_base="1.3"):
+            return instantiate(compose("config", overrides=[f"+augment={name}"]).augment).ranges
+
+    graded, paper, mild = (
+        ranges("contrastive_graded"),
+        ranges("contrastive_all"),
+        ranges("contrastive_mild"),
+    )
+    for kind, field in (("spike", "intensity"), ("blur", "ratio"), ("wrap", "keep_fraction")):
+        lo, hi = getattr(graded[kind], field)
+        for other in (paper, mild):  # the union of the paper's and the mild ranges
+            assert lo <= getattr(other[kind], field)[0] and hi >= getattr(other[kind], field)[1]
+    assert graded["noise"].snr_db == (-10.0, 20.0)  # below the clean scans' SNR (26-32 dB)
+    assert graded["motion"] == paper["motion"] and graded["bias"] == paper["bias"]
 
 
 def test_augment_ranges_are_overridable() -> None:

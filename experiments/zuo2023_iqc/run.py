@@ -12,6 +12,8 @@ Usage::
     python experiments/zuo2023_iqc/run.py --no-baselines --tag neg3d --out /tmp/x \
         --enc contrastive.negatives_3d=true   # exploration: no IQM baselines (~2.5 min less)
     python experiments/zuo2023_iqc/run.py --encoder-run RUN   # flow + evaluation only
+    python experiments/zuo2023_iqc/run.py --encoders 3   # an ensemble: 3 encoders, seeds 0-2
+    python experiments/zuo2023_iqc/run.py --encoder-run A --encoder-run B   # reuse an ensemble
 
 Each stage is handed the previous stage's run folder explicitly (``flow.encoder_ckpt``,
 ``evaluate.flow_run``), so two studies can run side by side.
@@ -48,6 +50,8 @@ STUDY = {
     "flow_density": ["data.slice_size=112"],
     "iqc_evaluate": [],
 }
+#: encoders in the study's ensemble (1 = the paper's single encoder; member k uses seed + k)
+ENCODERS = 1
 QUICK = {"encoder_contrastive": ["trainer.max_epochs=2"], "flow_density": ["model.epochs=50"]}
 
 #: what results/metrics.json keeps from the evaluation (the issue's keys first)
@@ -87,6 +91,12 @@ def _stage(
     return run_dir, json.loads((run_dir / "metrics.json").read_text()), seconds
 
 
+def _seed(overrides: list[str]) -> int:
+    """The ``seed=`` among the overrides (the last wins), else the config default 0."""
+    seeds = [o.split("=", 1)[1] for o in overrides if o.startswith("seed=")]
+    return int(seeds[-1]) if seeds else 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2-epoch smoke version")
@@ -102,12 +112,18 @@ def main() -> None:
             help=f"a Hydra override for the {stage} stage only (repeatable)",
         )  # fmt: skip
     parser.add_argument(
-        "--encoder-run", type=Path, help="reuse this encoder_contrastive run (no training)"
-    )
+        "--encoders", type=int, default=None,
+        help=f"encoders in the ensemble, member k trained with seed+k (study: {ENCODERS})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--encoder-run", type=Path, action="append", default=[],
+        help="reuse this encoder_contrastive run (no training); repeat for an ensemble",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every stage")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     plan = QUICK if args.quick else STUDY
+    n_encoders = args.encoders or (1 if args.quick else ENCODERS)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     timings, stages = {}, {}
     linked: dict[str, list[str]] = {
@@ -115,18 +131,33 @@ def main() -> None:
         "flow_density": list(args.flow),
         "iqc_evaluate": [*(["evaluate.baselines=null"] if args.no_baselines else []), *args.eval],
     }
-    if args.encoder_run is not None:
-        run_dir = args.encoder_run.resolve()
-        stages["encoder_contrastive"] = (
-            run_dir,
-            json.loads((run_dir / "metrics.json").read_text()),
-        )
+    encoders: list[tuple[Path, dict]] = []
+    if args.encoder_run:
+        for run_dir in (r.resolve() for r in args.encoder_run):
+            encoders.append((run_dir, json.loads((run_dir / "metrics.json").read_text())))
         timings["encoder_contrastive"] = None
-    for name in ("encoder_contrastive", "flow_density", "iqc_evaluate"):
-        if name in stages:  # reused
-            continue
-        if name == "flow_density":  # the previous stage's run, not the latest of any study
-            linked[name].append(f"flow.encoder_ckpt={stages['encoder_contrastive'][0]}")
+    else:  # member k: seed + k on the encoder stage only (flow and evaluation keep the seed)
+        base, seconds = _seed(args.overrides), 0.0
+        for k in range(n_encoders):
+            member = [] if k == 0 else [f"seed={base + k}"]
+            run_dir, metrics, sec = _stage(
+                "encoder_contrastive", stamp,
+                [*plan["encoder_contrastive"], *linked["encoder_contrastive"], *args.overrides,
+                 *member],
+                args.threads, args.tag if k == 0 else f"{args.tag}_e{k}",
+            )  # fmt: skip
+            encoders.append((run_dir, metrics))
+            seconds += sec
+        timings["encoder_contrastive"] = round(seconds, 1)
+    stages["encoder_contrastive"] = encoders[0]
+    # the previous stage's run(s), not the latest of any study; a list = an encoder ensemble
+    paths = [str(r) for r, _ in encoders]
+    linked["flow_density"].append(
+        f"flow.encoder_ckpt={paths[0]}"
+        if len(paths) == 1
+        else "flow.encoder_ckpt=[" + ",".join(f"'{p}'" for p in paths) + "]"
+    )
+    for name in ("flow_density", "iqc_evaluate"):
         if name == "iqc_evaluate":
             linked[name].append(f"evaluate.flow_run={stages['flow_density'][0]}")
         run_dir, metrics, seconds = _stage(
@@ -141,16 +172,17 @@ def main() -> None:
         name: {k: b[k] for k in ("auroc", "sensitivity_tau05", "specificity_tau05", "side")}
         for name, b in ev["baselines"].items()
     }
-    enc = stages["encoder_contrastive"][1]
     result["study"] = {
         "quick": args.quick,
         "overrides": {k: [*plan.get(k, []), *linked[k], *args.overrides] for k in STUDY},
         "seconds": timings,
         "threads": args.threads,
-        "encoder_val_loss": enc.get("val/loss"),
-        "n_train_volumes": enc.get("n_train_volumes"),
+        "encoders": len(encoders),
+        "encoder_val_loss": [m.get("val/loss") for _, m in encoders],
+        "n_train_volumes": encoders[0][1].get("n_train_volumes"),
         "flow_train_nll": stages["flow_density"][1].get("train/nll"),
         "runs": {k: str(v[0]) for k, v in stages.items()},
+        "encoder_runs": paths,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     name = "metrics_quick.json" if args.quick else "metrics.json"

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from monai.networks.nets import DenseNet
 from torch import Tensor, nn
 
-__all__ = ["ArtifactEncoder", "contrastive_loss", "volume_code"]
+__all__ = ["ArtifactEncoder", "EncoderEnsemble", "contrastive_loss", "volume_code"]
 
 
 class ArtifactEncoder(nn.Module):
@@ -66,6 +66,38 @@ class ArtifactEncoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, S, S)`` slices -> ``(B, d)`` codes."""
         return self.net(x)
+
+
+class EncoderEnsemble(nn.Module):
+    """Several trained slice encoders side by side: ``(B, 1, S, S)`` -> ``(B, sum_e d_e)``.
+
+    Extension (off by default; the paper uses one encoder): the code of a slice is the
+    concatenation of each member's code, so a volume's mean code is the concatenation of the
+    members' mean codes and the flow models their joint density. Encoders trained with
+    different seeds agree on strong artifacts but each spreads the clean scans along its own
+    nuisance direction (SNR, bias; README of ``experiments/zuo2023_iqc``); a clean scan is
+    rarely extreme for every member at once.
+
+    Args:
+        encoders: the members (each maps ``(B, 1, S, S)`` to ``(B, d_e)``), in a fixed order.
+
+    Example:
+        >>> ens = EncoderEnsemble([ArtifactEncoder(2, init_features=4, growth_rate=2,
+        ...     block_config=(1,), bn_size=1) for _ in range(3)])
+        >>> ens(torch.zeros(5, 1, 32, 32)).shape
+        torch.Size([5, 6])
+    """
+
+    def __init__(self, encoders: Sequence[ArtifactEncoder]) -> None:
+        super().__init__()
+        if not encoders:
+            raise ValueError("EncoderEnsemble needs at least one encoder")
+        self.members = nn.ModuleList(encoders)
+        self.latent_dim = sum(int(e.latent_dim) for e in encoders)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, S, S)`` slices -> ``(B, sum_e d_e)`` concatenated codes."""
+        return torch.cat([e(x) for e in self.members], dim=1)
 
 
 def contrastive_loss(

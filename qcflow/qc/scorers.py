@@ -53,7 +53,13 @@ class DensityScorer:
         per_site: bool = False,
         min_site_volumes: int = 10,
     ):
-        from qcflow.tasks.flow_density import FLOW_FILE, load_encoder, load_flow, read_codes
+        from qcflow.tasks.flow_density import (
+            FLOW_FILE,
+            bundle_checkpoints,
+            load_encoder,
+            load_flow,
+            read_codes,
+        )
 
         run = Path(flow_run)
         if not (run / FLOW_FILE).is_file():
@@ -63,10 +69,11 @@ class DensityScorer:
                 f"need 0 < score.fail_tau <= score.review_tau < 1, got {fail_tau}, {review_tau}"
             )
         self.density, bundle = load_flow(run)
-        encoder_ckpt = Path(bundle["encoder_checkpoint"])
-        if not encoder_ckpt.is_file():
-            raise ConfigError(f"{encoder_ckpt}: encoder checkpoint of {run} not found")
-        self.encoder = load_encoder(encoder_ckpt)
+        ckpts = bundle_checkpoints(bundle)  # one encoder, or an ensemble's members
+        for encoder_ckpt in ckpts:
+            if not encoder_ckpt.is_file():
+                raise ConfigError(f"{encoder_ckpt}: encoder checkpoint of {run} not found")
+        self.encoder = load_encoder(ckpts)
         self.n_central = bundle["n_central_slices"]
         self.size = int(bundle["slice_size"])
         self.data = bundle.get("data") or {}
@@ -82,7 +89,8 @@ class DensityScorer:
         self.columns = (*(f"m_{j + 1}" for j in range(d)), "log_density")
         self.columns += ("density_percentile", "qc_decision")
         digest = hashlib.sha1((run / FLOW_FILE).read_bytes())
-        digest.update(encoder_ckpt.read_bytes())
+        for encoder_ckpt in ckpts:
+            digest.update(encoder_ckpt.read_bytes())
         self.identity = f"density-{digest.hexdigest()[:12]}-{review_tau}-{fail_tau}"
         self.thresholds = {"review_tau": review_tau, "fail_tau": fail_tau}
         self.thresholds |= {"review_log_density": self.review_thr}

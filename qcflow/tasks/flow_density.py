@@ -1,11 +1,14 @@
 """Task ``flow_density``: embed the training volumes and fit the RealNVP density (method A).
 
 The encoder comes from ``flow.encoder_ckpt`` (a checkpoint or run folder) or the latest
-``encoder_contrastive`` run. Every usable scan of the data (default: the embedded ``train``
-split, unlabelled) is represented by the mean code of its central axial slices; the flow is
-fitted on the standardised codes and the τ thresholds are set on the same codes. Outputs in
-the run folder: ``flow.pt`` (flow state with standardisation and thresholds, its config, the
-encoder checkpoint used, the slicing settings) and ``codes_train.tsv``.
+``encoder_contrastive`` run; a *list* of checkpoints/run folders is an encoder ensemble
+(extension, :class:`~qcflow.models.encoder.EncoderEnsemble`: the code is the concatenation of
+the members' codes and the flow is fitted in ``sum_e d_e`` dimensions). Every usable scan of
+the data (default: the embedded ``train`` split, unlabelled) is represented by the mean code of
+its central axial slices; the flow is fitted on the standardised codes and the τ thresholds are
+set on the same codes. Outputs in the run folder: ``flow.pt`` (flow state with standardisation
+and thresholds, its config, the encoder checkpoint(s) used, the slicing settings) and
+``codes_train.tsv``.
 """
 
 from __future__ import annotations
@@ -18,29 +21,51 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from qcflow.data.contrastive import axial_stack
 from qcflow.data.datamodule import VolumeDataModule
 from qcflow.data.datasets import VolumeDataset
+from qcflow.errors import ConfigError
 from qcflow.lit.contrastive import ContrastiveEncoder
-from qcflow.models.encoder import volume_code
+from qcflow.models.encoder import EncoderEnsemble, volume_code
 from qcflow.models.flow import DensityFlow, fit_flow, tau_key
 from qcflow.tasks.common import resolve_checkpoint, seed_all
 from qcflow.tasks.encoder_contrastive import set_threads, skipped_report
 from qcflow.utils.wandb import log_table
 
-__all__ = ["run", "load_encoder", "embed_volumes", "load_flow", "write_codes", "read_codes"]
+__all__ = [
+    "run",
+    "load_encoder",
+    "bundle_checkpoints",
+    "embed_volumes",
+    "load_flow",
+    "write_codes",
+    "read_codes",
+]
 
 log = logging.getLogger(__name__)
 
 FLOW_FILE = "flow.pt"
 
 
-def load_encoder(ckpt: str | Path) -> torch.nn.Module:
-    """The encoder network of a ``ContrastiveEncoder`` checkpoint, on CPU, in eval mode."""
-    module = ContrastiveEncoder.load_from_checkpoint(str(ckpt), map_location="cpu")
-    return module.encoder.eval()
+def load_encoder(ckpt: str | Path | Sequence[str | Path]) -> torch.nn.Module:
+    """The encoder network of a ``ContrastiveEncoder`` checkpoint, on CPU, in eval mode.
+
+    A sequence of checkpoints gives an :class:`EncoderEnsemble` of their encoders (in order).
+    """
+    if isinstance(ckpt, (str, Path)):
+        module = ContrastiveEncoder.load_from_checkpoint(str(ckpt), map_location="cpu")
+        return module.encoder.eval()
+    if len(ckpt) == 1:
+        return load_encoder(ckpt[0])
+    return EncoderEnsemble([load_encoder(c) for c in ckpt]).eval()
+
+
+def bundle_checkpoints(bundle: dict[str, Any]) -> list[Path]:
+    """The encoder checkpoint(s) a flow bundle was fitted with (one, or an ensemble's)."""
+    many = bundle.get("encoder_checkpoints")
+    return [Path(str(c)) for c in (many or [bundle["encoder_checkpoint"]])]
 
 
 @torch.no_grad()
@@ -97,10 +122,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     fcfg = cfg.get("flow") or {}
-    ckpt = resolve_checkpoint(
-        cfg, fcfg.get("encoder_ckpt"), str(fcfg.get("encoder_experiment", "encoder_contrastive"))
-    )
-    encoder = load_encoder(ckpt)
+    given = fcfg.get("encoder_ckpt")
+    experiment = str(fcfg.get("encoder_experiment", "encoder_contrastive"))
+    if isinstance(given, (list, ListConfig)):  # an encoder ensemble (extension)
+        if not given:
+            raise ConfigError("flow.encoder_ckpt is an empty list: give one or more checkpoints")
+        ckpts = [resolve_checkpoint(cfg, str(c), experiment) for c in given]
+    else:
+        ckpts = [resolve_checkpoint(cfg, given, experiment)]
+    ckpt = ckpts[0]
+    encoder = load_encoder(ckpts)
     dm = VolumeDataModule(cfg.data)
     dm.prepare()
     volumes = dm._volumes(dm.scans)  # every usable scan: the unlabelled training volumes
@@ -143,6 +174,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "state_dict": density.state_dict(),
             "flow_config": flow_config,
             "encoder_checkpoint": str(ckpt),
+            "encoder_checkpoints": [str(c) for c in ckpts],
             "n_central_slices": n_central,
             "slice_size": size,
             "data": OmegaConf.to_container(cfg.data, resolve=True),
@@ -155,6 +187,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "best_epoch": fit["best_epoch"],
         "n_volumes": len(ids),
         "encoder_checkpoint": str(ckpt),
+        "encoder_checkpoints": [str(c) for c in ckpts],
         "skipped": skipped_report(dm),
         "total_seconds": round(time.perf_counter() - t0, 1),
     }

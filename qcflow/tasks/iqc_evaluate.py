@@ -33,7 +33,13 @@ from qcflow.data.discovery import resolve_data_root
 from qcflow.models.flow import tau_key
 from qcflow.qc import detection as det
 from qcflow.tasks.encoder_contrastive import set_threads, skipped_report
-from qcflow.tasks.flow_density import embed_volumes, load_encoder, load_flow, read_codes
+from qcflow.tasks.flow_density import (
+    bundle_checkpoints,
+    embed_volumes,
+    load_encoder,
+    load_flow,
+    read_codes,
+)
 from qcflow.utils.runs import find_latest_run
 from qcflow.utils.wandb import log_images, log_table
 
@@ -190,7 +196,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     )
     density, bundle = load_flow(flow_run)
-    encoder = load_encoder(bundle["encoder_checkpoint"])
+    ckpts = bundle_checkpoints(bundle)  # one encoder, or an ensemble's members
+    encoder = load_encoder(ckpts)
     n_central, size = bundle["n_central_slices"], int(bundle["slice_size"])
     if ecfg.get("tau") is not None and not ecfg.get("taus"):  # one tau (sweep=tau)
         with open_dict(ecfg):
@@ -224,8 +231,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if ecfg.get("simulated_kinds") is not None:
         simulated = set(ecfg.simulated_kinds)
     else:  # what the encoder's negatives actually used (default: the paper's noise + motion)
-        found = simulated_kinds_of(bundle["encoder_checkpoint"])
-        simulated = set(found if found is not None else ("noise", "motion"))
+        found = [simulated_kinds_of(c) for c in ckpts]  # an ensemble: any member's kinds
+        known = [set(f) for f in found if f is not None]
+        simulated = set().union(*known) if known else {"noise", "motion"}
     results["simulated_kinds"] = sorted(simulated)
     for tau, f in flags.items():
         key = tau_key(tau)
@@ -288,6 +296,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     (out / "scores.tsv").write_text("\n".join(lines) + "\n")
     if ecfg.get("figures", True) and codes.shape[1] == 2:
         _figures(out / "figures", density, flow_run, codes, z, kinds, curves)
+    elif ecfg.get("figures", True):  # d != 2 (an ensemble, d = 4...): no 2-D maps, the ROC
+        from qcflow.qc import plots
+
+        plots.roc_curves(curves, out / "figures" / "roc.png")
     # logger=wandb: the figures and the per-scan table on the dashboard (else a no-op)
     log_images(cfg, {f"eval/{p.stem}": p for p in sorted((out / "figures").glob("*.png"))})
     log_table(cfg, "eval/scores", out / "scores.tsv")
