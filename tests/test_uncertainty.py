@@ -319,6 +319,16 @@ def test_absent_kind_var_zero_leaves_absent_kinds_out_of_the_sum_and_pulls_to_ze
     var = log_var[:, 1:].exp().mean(dim=(2, 3, 4))  # (B, 5)
     expected = torch.cat([var[0, [0, 2, 3, 4]], var[1]]).mean()
     torch.testing.assert_close(out["absent_kind_var"], expected)
+    # ... and its absent channels are taught a zero target by the consistency loss
+    from qcflow.models.losses import consistency_loss
+
+    out = student.compute_loss({**batch, "artifact_kinds": [[], []]})
+    task_ref = task(batch["image_clean"])[1][:, :1].exp()
+    v = log_var.exp()
+    expected = consistency_loss(v[:, :1], task_ref, 0.1) + sum(
+        consistency_loss(v[:, c : c + 1], torch.zeros_like(task_ref), 0.1) for c in range(1, 6)
+    )
+    torch.testing.assert_close(out["consistency"], expected / 6)
     with pytest.raises(ValueError, match="artifact_kinds"):
         zero.compute_loss(batch)
     with pytest.raises(ValueError, match="absent_kind_var"):

@@ -149,8 +149,9 @@ class UncertaintySeg(pl.LightningModule):
             kind i (clean ones, and for a student or a teacher with negatives, other kinds):
             ``free`` (the paper): it sits in the variance sum like everywhere, so it also absorbs
             segmentation errors that have other causes (boundaries, other kinds); ``zero``: it
-            leaves the variance sum there and is pulled to 0 (mean sigma_i^2 over those samples,
-            weight ``consistency_weight``): a channel stays near 0 unless its own kind is present.
+            leaves the variance sum there and is pulled to 0 (teacher: mean sigma_i^2 over those
+            samples, weight ``consistency_weight``; student: its consistency target there is 0
+            instead of teacher i's output): a channel stays near 0 unless its kind is present.
             Needs ``batch["artifact_kinds"]``.
 
     Shapes: ``forward(x (B, 1, D, H, W)) -> (logits (B, 2, D, H, W), log_var (B, K, D, H, W))``
@@ -339,6 +340,9 @@ class UncertaintySeg(pl.LightningModule):
                 absent = torch.as_tensor(
                     [[k not in ks for k in self.kinds] for ks in kinds], device=image.device
                 ).view(len(kinds), len(self.kinds), 1, 1, 1)  # (B, K, 1, 1, 1)
+                if ref.shape[1] > 1:  # student: the target of an absent kind's channel is 0
+                    zero = torch.zeros_like(ref[:, 1:])
+                    ref = torch.cat([ref[:, :1], torch.where(absent, zero, ref[:, 1:])], dim=1)
 
         def summed(lv: Tensor) -> Tensor:
             # hce_task_var=reference: the frozen task network's sigma_t^2 replaces the own one
@@ -365,12 +369,14 @@ class UncertaintySeg(pl.LightningModule):
                 / ref.shape[1]
             )
             if absent is not None:
-                # sigma_i^2 is pulled to zero where kind i is absent (always logged: DDP sync)
+                # sigma_i^2 is pulled to zero where kind i is absent (always logged: DDP sync);
+                # a student's absent channels also have zero consistency targets (above)
                 art = log_var[:, 1:].exp().mean(dim=(2, 3, 4))  # (B, K)
                 mask = absent.view(art.shape)
                 pull = art[mask].mean() if bool(mask.any()) else art.sum() * 0.0
                 out["absent_kind_var"] = pull
-                cons = cons + pull
+                if ref.shape[1] == 1:  # teacher: no consistency target for its artifact channel
+                    cons = cons + pull
             out["consistency"] = cons
             out["loss"] = seg + self.consistency_weight * cons
         with torch.no_grad():
