@@ -1,0 +1,176 @@
+"""Diagnosis of trained method-A encoders without retraining (README: "Diagnosis").
+
+Two steps::
+
+    # per-slice codes of every train/test volume, 60 central slices in each orientation
+    python experiments/zuo2023_iqc/diagnose.py embed RUN /tmp/zdiag/seed0.pt
+    # AUROC, sens/spec at tau = 5 % (mean over flow fits), for one encoder or an ensemble
+    python experiments/zuo2023_iqc/diagnose.py score /tmp/zdiag/seed0.pt --rep ax20 ax40 3o20
+    python experiments/zuo2023_iqc/diagnose.py score /tmp/zdiag/seed0.pt /tmp/zdiag/seed1.pt
+
+``RUN`` is an ``encoder_contrastive`` run folder. Representations (``--rep``): ``axN`` the
+mean code of the N central axial slices (``ax20`` = the study's), ``3o20`` the mean over the 20
+central slices of all three orientations, ``3o20cat`` the three orientation means side by side.
+Several code files are an encoder ensemble (codes concatenated, as ``flow.encoder_ckpt=[...]``).
+Each score is the mean over ``--flow-fits`` RealNVP fits (the study's flow setting, seeds
+0, 1, ...): a single fit moves the AUROC by up to ~0.02. Thresholds are the tau percentile of
+the in-sample training log-densities, as in ``flow_density``. Also prints how one-dimensional
+the code is (eigenvalue ratio of its training covariance) and its Spearman correlation with
+the clean scans' simulated SNR and bias ratio (``artifacts.tsv``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+N_SLICES = 60  # central slices per orientation kept by ``embed``
+NEVER = ("ghosting", "missing_side", "misregistration", "t2_contrast")
+
+
+def embed(run: Path, out: Path) -> None:
+    from qcflow.api import compose_config
+    from qcflow.data.datasets import ORIENTATIONS, central_indices, extract_slice, fit_square
+    from qcflow.tasks.flow_density import load_encoder
+    from qcflow.tasks.iqc_evaluate import _load_set
+
+    torch.set_num_threads(1)
+    encoder = load_encoder(sorted((run / "checkpoints").glob("epoch*.ckpt"))[-1])
+    cfg = compose_config(["experiment=iqc_evaluate", "data.slice_size=112"])
+    codes: dict[str, dict] = {}
+    for split, label in (("train", 0), ("test_clean", 0), ("test_artifact", 1)):
+        s = _load_set(cfg, split, None, label)
+        volumes = s["dm"]._volumes(s["dm"].scans)
+        per: dict[str, list[np.ndarray]] = {o: [] for o in ORIENTATIONS}
+        for i in range(len(volumes)):
+            v = volumes.volume(i)["image"]  # (1, D, H, W)
+            for o, axis in ORIENTATIONS.items():
+                idx = central_indices(v.shape[axis + 1], N_SLICES)
+                x = torch.stack([fit_square(extract_slice(v, o, j), 112) for j in idx])
+                with torch.no_grad():
+                    per[o].append(encoder(x).numpy())  # (N_SLICES, d)
+        codes[split] = {
+            "ids": [sc.scan_id for sc in s["dm"].scans],
+            "kinds": s["kinds"],
+            "severity": s["severity"],
+            "labels": s["labels"],
+            **{o: np.stack(per[o]) for o in per},  # (V, N_SLICES, d)
+        }
+    torch.save(codes, out)
+
+
+def _rep(codes: dict, split: str, how: str) -> np.ndarray:
+    def central(a: np.ndarray, n: int) -> np.ndarray:
+        start = (N_SLICES - n) // 2
+        return a[:, start : start + n]
+
+    r = codes[split]
+    if how.startswith("ax"):
+        return central(r["axial"], int(how[2:])).mean(1)
+    per = [central(r[o], 20).mean(1) for o in ("axial", "coronal", "sagittal")]
+    if how == "3o20":
+        return np.mean(per, 0)
+    if how == "3o20cat":
+        return np.concatenate(per, 1)
+    raise ValueError(f"unknown representation {how!r}")
+
+
+def score(files: list[Path], reps: list[str], fits: int) -> None:
+    from qcflow.models.flow import DensityFlow, fit_flow
+    from qcflow.qc import detection as det
+
+    torch.set_num_threads(1)
+    all_codes = [torch.load(f, weights_only=False) for f in files]
+    first = all_codes[0]
+    labels = np.array(first["test_clean"]["labels"] + first["test_artifact"]["labels"])
+    kinds = np.array(first["test_clean"]["kinds"] + first["test_artifact"]["kinds"])
+    severity = np.array(first["test_clean"]["severity"] + first["test_artifact"]["severity"])
+    for how in reps:
+        tr = np.concatenate([_rep(c, "train", how) for c in all_codes], 1)
+        test = [[_rep(c, "test_clean", how), _rep(c, "test_artifact", how)] for c in all_codes]
+        te = np.concatenate([np.concatenate(t) for t in test], 1)
+        rows = []
+        for seed in range(fits):
+            torch.manual_seed(seed)
+            density = DensityFlow(features=tr.shape[1], transforms=6, hidden_features=(32, 32))
+            fit_flow(density, torch.tensor(tr, dtype=torch.float32), epochs=300,
+                     val_fraction=0.2, generator=torch.Generator().manual_seed(seed))  # fmt: skip
+            with torch.no_grad():
+                ltr = density.log_prob(torch.tensor(tr, dtype=torch.float32)).double().numpy()
+                lte = density.log_prob(torch.tensor(te, dtype=torch.float32)).double().numpy()
+            flag = lte < np.quantile(ltr, 0.05)
+            sens, spec = det.sensitivity_specificity(det.contingency(flag, labels))
+            never = np.mean([flag[kinds == k].mean() for k in NEVER])
+            sev = [flag[severity == s].mean() for s in (1, 2, 3)]
+            rows.append([det.auroc(-lte, labels), sens, spec, never, *sev])
+        o = np.array(rows)
+        print(
+            f"{how:8s} d={tr.shape[1]:2d} AUROC {o[:, 0].mean():.3f} "
+            f"({o[:, 0].min():.3f}-{o[:, 0].max():.3f})  sens {100 * o[:, 1].mean():.1f}  "
+            f"spec {100 * o[:, 2].mean():.1f}  never-simulated {100 * o[:, 3].mean():.1f}  "
+            f"severity 1/2/3 {100 * o[:, 4].mean():.0f}/{100 * o[:, 5].mean():.0f}/"
+            f"{100 * o[:, 6].mean():.0f}"
+        )
+    for f, c in zip(files, all_codes, strict=True):
+        _shape(f, c)
+
+
+def _shape(name: Path, codes: dict) -> None:
+    """How one-dimensional the study code is, and what clean-scan nuisance it follows."""
+    import pandas as pd
+    from scipy.stats import spearmanr
+
+    from qcflow.api import compose_config
+    from qcflow.data.discovery import resolve_data_root
+    from qcflow.tasks.iqc_evaluate import _data_cfg
+
+    cfg = compose_config(["experiment=iqc_evaluate"])
+    tr = _rep(codes, "train", "ax20")
+    if tr.shape[1] != 2:
+        return
+    eig = np.linalg.eigvalsh(np.cov(tr.T))
+    u = np.linalg.eigh(np.cov(tr.T))[1][:, -1]  # first principal direction
+    z, snr, bias = [], [], []
+    for split in ("train", "test_clean"):
+        r = codes[split]
+        table = Path(resolve_data_root(_data_cfg(cfg, split, None))) / "artifacts.tsv"
+        if not table.is_file():
+            return
+        params = pd.read_csv(table, sep="\t").set_index("participant_id")["params"]
+        proj = _rep(codes, split, "ax20") @ u
+        for i, sid in enumerate(r["ids"]):
+            if r["kinds"][i] == "none" and sid in params.index:
+                subject = json.loads(params[sid])["subject"]
+                z.append(proj[i])
+                snr.append(subject["snr_db"])
+                bias.append(subject["bias_ratio"])
+    print(
+        f"{name.name}: eigenvalue ratio {eig[-1] / eig[0]:.0f}; clean codes along PC1 vs SNR "
+        f"rho={spearmanr(z, snr)[0]:+.2f}, vs bias ratio rho={spearmanr(z, bias)[0]:+.2f} "
+        f"(sign arbitrary; n={len(z)})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("embed", help="per-slice codes of one encoder run")
+    e.add_argument("run", type=Path)
+    e.add_argument("out", type=Path)
+    s = sub.add_parser("score", help="detection metrics from code files (several: an ensemble)")
+    s.add_argument("codes", type=Path, nargs="+")
+    s.add_argument("--rep", nargs="+", default=["ax20"])
+    s.add_argument("--flow-fits", type=int, default=4)
+    args = parser.parse_args()
+    if args.cmd == "embed":
+        embed(args.run, args.out)
+    else:
+        score(args.codes, args.rep, args.flow_fits)
+
+
+if __name__ == "__main__":
+    main()
