@@ -388,7 +388,7 @@ class UncertaintySeg(pl.LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         losses = self.compute_loss(batch)
         bs = batch["image"].shape[0]
-        # synced across ranks: the epsilon schedule's plateau decision must agree under DDP
+        # rank-averaged under DDP (metrics.json, loggers); EpsilonSchedule reduces on its own
         log = {"batch_size": bs, "sync_dist": True}
         self.log("train/loss", losses["loss"], on_step=True, on_epoch=True, **log)
         for k in ("seg", "consistency", "dice", "absent_kind_var"):
