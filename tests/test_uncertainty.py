@@ -227,7 +227,9 @@ def test_student_own_kind_targets_show_teacher_i_the_clean_patch_without_kind_i(
     teachers = {k: _EchoTeacher() for k in KINDS}
     args = dict(net=TINY, task_net=_task_net(), teacher_nets=teachers)
     own = UncertaintySeg("student", KINDS, student_targets="own_kind", **args)
-    ref = own.reference_variances(batch["image"], batch["image_clean"], kinds_per_sample)
+    present = own.kinds_present({**batch, "artifact_kinds": kinds_per_sample})
+    assert present.tolist() == [[k in ks for k in KINDS] for ks in kinds_per_sample]
+    ref = own.reference_variances(batch["image"], batch["image_clean"], present)
     assert ref.shape == (3, 6, 8, 8, 8)
     for c, kind in enumerate(KINDS, start=1):
         for b, applied in enumerate(kinds_per_sample):
@@ -235,7 +237,7 @@ def test_student_own_kind_targets_show_teacher_i_the_clean_patch_without_kind_i(
             torch.testing.assert_close(ref[b, c], seen[0])
     # 'corrupted' (the paper's wording): every teacher sees the corrupted input
     cor = UncertaintySeg("student", KINDS, **args)
-    ref_c = cor.reference_variances(batch["image"], batch["image_clean"], kinds_per_sample)
+    ref_c = cor.reference_variances(batch["image"], batch["image_clean"], present)
     for c in range(1, 6):
         torch.testing.assert_close(ref_c[:, c], batch["image"][:, 0])
     with pytest.raises(ValueError, match="artifact_kinds"):

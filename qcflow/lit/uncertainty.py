@@ -292,34 +292,48 @@ class UncertaintySeg(pl.LightningModule):
     # ------------------------------------------------------------------ targets
     @torch.no_grad()
     def reference_variances(
-        self,
-        image: Tensor,
-        image_clean: Tensor,
-        artifact_kinds: Sequence[Sequence[str]] | None = None,
+        self, image: Tensor, image_clean: Tensor, present: Tensor | None = None
     ) -> Tensor:
         """Frozen-network targets for each supervised log-variance channel ``(B, n, D, H, W)``.
 
         Teacher: ``[sigma_t^2(clean)]`` (its task channel only). Student:
         ``[sigma_t^2(clean), sigma_i^2 of teacher i for each kind]``, teacher i seeing ``image``
-        (``student_targets=corrupted``) or, per sample, ``image`` if kind i is among
-        ``artifact_kinds[b]`` and ``image_clean`` otherwise (``own_kind``).
+        (``student_targets=corrupted``) or, per sample, ``image`` where kind i is present and
+        ``image_clean`` elsewhere (``own_kind``); with ``absent_kind_var=zero`` the target is 0
+        where kind i is absent (and teacher i is not run when no sample carries kind i).
+
+        Args:
+            present: ``(B, K)`` bool, kind ``self.kinds[k]`` applied to sample ``b`` (needed by
+                ``own_kind`` and ``absent_kind_var=zero``; see :meth:`kinds_present`).
         """
         targets = [self.frozen["task"](image_clean)[1][:, :1].exp()]
-        if self.role == "student":
-            if self.student_targets == "own_kind" and artifact_kinds is None:
-                raise ValueError("student_targets='own_kind' needs the batch's 'artifact_kinds'")
-            for kind in self.kinds:
-                seen = image
-                if self.student_targets == "own_kind":
-                    assert artifact_kinds is not None
-                    has = [kind in ks for ks in artifact_kinds]
-                    if not any(has):
-                        seen = image_clean
-                    elif not all(has):
-                        sel = torch.as_tensor(has, device=image.device).view(-1, 1, 1, 1, 1)
-                        seen = torch.where(sel, image, image_clean)
-                targets.append(self.frozen[kind](seen)[1][:, 1:2].exp())
+        if self.role != "student":
+            return torch.cat(targets, dim=1)
+        zero_absent = self.absent_kind_var == "zero"
+        if present is None and (zero_absent or self.student_targets == "own_kind"):
+            raise ValueError(
+                f"student_targets='{self.student_targets}', absent_kind_var="
+                f"'{self.absent_kind_var}' need the batch's 'artifact_kinds'"
+            )
+        for k, kind in enumerate(self.kinds):
+            sel = None if present is None else present[:, k].view(-1, 1, 1, 1, 1)
+            if zero_absent and not bool(sel.any()):
+                targets.append(torch.zeros_like(targets[0]))
+                continue
+            seen = image
+            if self.student_targets == "own_kind" and not zero_absent and not bool(sel.all()):
+                seen = torch.where(sel, image, image_clean)  # (absent: the target is 0 anyway)
+            target = self.frozen[kind](seen)[1][:, 1:2].exp()
+            targets.append(torch.where(sel, target, 0.0) if zero_absent else target)
         return torch.cat(targets, dim=1)
+
+    def kinds_present(self, batch: Mapping[str, Any]) -> Tensor | None:
+        """``(B, K)`` bool from ``batch["artifact_kinds"]``: kind ``self.kinds[k]`` in sample b."""
+        kinds = batch.get("artifact_kinds")
+        if kinds is None:
+            return None
+        device = batch["image"].device
+        return torch.as_tensor([[k in ks for k in self.kinds] for ks in kinds], device=device)
 
     def _weights(self, n: int) -> list[float]:
         w = self.ds_weights[:n] if self.ds_weights else [0.5**i for i in range(n)]
@@ -330,19 +344,14 @@ class UncertaintySeg(pl.LightningModule):
         """Heteroscedastic CE (all deep-supervision outputs) + consistency (full resolution)."""
         image, label = batch["image"], batch["label"]
         outs = self.net.forward_all(image)
-        kinds = batch.get("artifact_kinds")
         ref, absent = None, None
         if self.role != "task":
-            ref = self.reference_variances(image, batch.get("image_clean", image), kinds)
+            present = self.kinds_present(batch)
             if self.absent_kind_var == "zero":
-                if kinds is None:
+                if present is None:
                     raise ValueError("absent_kind_var='zero' needs the batch's 'artifact_kinds'")
-                absent = torch.as_tensor(
-                    [[k not in ks for k in self.kinds] for ks in kinds], device=image.device
-                ).view(len(kinds), len(self.kinds), 1, 1, 1)  # (B, K, 1, 1, 1)
-                if ref.shape[1] > 1:  # student: the target of an absent kind's channel is 0
-                    zero = torch.zeros_like(ref[:, 1:])
-                    ref = torch.cat([ref[:, :1], torch.where(absent, zero, ref[:, 1:])], dim=1)
+                absent = ~present.view(*present.shape, 1, 1, 1)  # (B, K, 1, 1, 1)
+            ref = self.reference_variances(image, batch.get("image_clean", image), present)
 
         def summed(lv: Tensor) -> Tensor:
             # hce_task_var=reference: the frozen task network's sigma_t^2 replaces the own one
@@ -370,7 +379,7 @@ class UncertaintySeg(pl.LightningModule):
             )
             if absent is not None:
                 # sigma_i^2 is pulled to zero where kind i is absent (always logged: DDP sync);
-                # a student's absent channels also have zero consistency targets (above)
+                # a student's absent channels also have zero consistency targets
                 art = log_var[:, 1:].exp().mean(dim=(2, 3, 4))  # (B, K)
                 mask = absent.view(art.shape)
                 pull = art[mask].mean() if bool(mask.any()) else art.sum() * 0.0
