@@ -48,3 +48,26 @@ def small_embedded(qcflow_home: Path) -> Path:
 
     cfg = OmegaConf.create({"dir": str(qcflow_home / "data" / "embedded"), **SMALL_EMBEDDED})
     return ensure_embedded(cfg)
+
+
+@pytest.fixture()
+def data_cfg(small_embedded: Path, tmp_path: Path):
+    """The real ``data`` config at 4 mm, pointed at the small embedded train split."""
+    from tests.helpers import compose_cfg
+
+    cfg = compose_cfg(
+        [
+            f"data.root={small_embedded / 'train'}",
+            "data.spacing=4",
+            "data.batch_size=4",
+            "data.slice_size=64",
+            "data.n_central_slices=5",
+            "data.patch_size=[16,16,16]",
+            "data.samples_per_volume=2",
+            "data.queue_length=8",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.val_fraction=0.25",
+        ],
+        tmp_path,
+    )
+    return cfg.data

@@ -1,4 +1,7 @@
-"""Data modules on the small embedded dataset: shapes, ranges, splits, bad scans skipped."""
+"""Data modules on the small embedded dataset: shapes, ranges, splits, bad scans skipped.
+
+``data_cfg`` (the real data config on the small embedded train split) is in conftest.py.
+"""
 
 from __future__ import annotations
 
@@ -16,28 +19,6 @@ from qcflow.data.datamodule import (
     split_by_subject,
 )
 from qcflow.data.discovery import Scan
-from tests.helpers import compose_cfg
-
-
-@pytest.fixture()
-def data_cfg(small_embedded: Path, tmp_path: Path):
-    """The real ``data`` config at 4 mm, pointed at the small embedded train split."""
-    cfg = compose_cfg(
-        [
-            f"data.root={small_embedded / 'train'}",
-            "data.spacing=4",
-            "data.batch_size=4",
-            "data.slice_size=64",
-            "data.n_central_slices=5",
-            "data.patch_size=[16,16,16]",
-            "data.samples_per_volume=2",
-            "data.queue_length=8",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "data.val_fraction=0.25",
-        ],
-        tmp_path,
-    )
-    return cfg.data
 
 
 def test_split_by_subject_is_deterministic_and_grouped() -> None:

@@ -247,27 +247,13 @@ def test_student_own_kind_targets_show_teacher_i_the_clean_patch_without_kind_i(
         UncertaintySeg("student", KINDS, net=TINY, student_targets="mixed")
 
 
-def test_paired_patches_carry_the_applied_kinds(small_embedded, tmp_path) -> None:
+def test_paired_patches_carry_the_applied_kinds(data_cfg) -> None:
     from qcflow.kspace import RandomArtifacts
-    from tests.helpers import compose_cfg
 
-    cfg = compose_cfg(
-        [
-            f"data.root={small_embedded / 'train'}",
-            "data.spacing=4",
-            "data.batch_size=4",
-            "data.patch_size=[16,16,16]",
-            "data.samples_per_volume=2",
-            "data.queue_length=8",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "data.val_fraction=0.25",
-        ],
-        tmp_path,
-    )
     sampler = RandomArtifacts(
         rate=0.5, noise={"p": 1.0}, blur={"p": 1.0}, exclusive=True, spacing=(4, 4, 4)
     )
-    dm = PairedPatchDataModule(cfg.data, sampler=sampler)
+    dm = PairedPatchDataModule(data_cfg, sampler=sampler)
     dm.setup("fit")
     torch.manual_seed(0)
     seen: list[list[str]] = []
