@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from qcflow.errors import ConfigError, QCFlowError
-from qcflow.utils.io import atomic_write_json
+from qcflow.utils.io import atomic_write_json, flatten_scalars
 from qcflow.utils.wandb import finish_wandb, log_summary
 
 __all__ = ["main", "run_task", "objective_value", "config_dir", "available_tasks", "TASKS"]
@@ -135,13 +135,7 @@ def objective_value(cfg: DictConfig, results: dict[str, Any]) -> float | None:
     if not key:
         return None
 
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    values = flat(results)
+    values = flatten_scalars(results)
     numbers = sorted(k for k, v in values.items() if isinstance(v, (int, float)))
     if key not in values or not isinstance(values[key], (int, float)):
         raise ConfigError(
