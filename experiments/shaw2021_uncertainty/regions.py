@@ -38,6 +38,8 @@ def main() -> None:
     ckpt = args.checkpoint
     if ckpt.is_dir():
         ckpt = ckpt / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        raise SystemExit(f"{ckpt}: checkpoint not found")
     torch.set_num_threads(1)
 
     cfg = compose_config(["experiment=uncertainty_evaluate"])
