@@ -321,3 +321,33 @@ def test_absent_kind_var_zero_leaves_absent_kinds_out_of_the_sum_and_pulls_to_ze
         zero.compute_loss(batch)
     with pytest.raises(ValueError, match="absent_kind_var"):
         UncertaintySeg("teacher", ["noise"], net=TINY, absent_kind_var="none")
+
+
+def test_patch_context_offsets_only_the_artifact_channels_and_starts_at_zero() -> None:
+    torch.manual_seed(0)
+    task = _task_net().eval()
+    assert TwoHeadUNet(num_sources=1, context=True, **TINY).context is None  # task: no offsets
+    m = UncertaintySeg(
+        "student",
+        KINDS,
+        net={**TINY, "context": True},
+        task_net=task,
+        teacher_nets={k: _teacher_net() for k in KINDS},
+    ).eval()
+    x = torch.rand(2, 1, 8, 8, 8)
+    with torch.no_grad():
+        plain = m(x)[1]
+        # fresh context (zero output layer): the network equals the plain one after init_from
+        torch.testing.assert_close(plain[:, :1], task(x)[1])
+        torch.testing.assert_close(plain[:, 1:], torch.full_like(plain[:, 1:], -2.0))
+        m.net.context.out.bias.copy_(torch.arange(1.0, 6.0))
+        shifted = m(x)[1]
+    torch.testing.assert_close(shifted[:, :1], plain[:, :1])  # task channel untouched
+    expected = plain[:, 1:] + torch.arange(1.0, 6.0).view(1, 5, 1, 1, 1)
+    torch.testing.assert_close(shifted[:, 1:], expected)
+    # the context branch is trained through the loss; frozen stages still get no gradient
+    m.train()
+    losses = m.compute_loss(_batch())
+    losses["loss"].backward()
+    assert m.net.context.out.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.frozen.parameters())
