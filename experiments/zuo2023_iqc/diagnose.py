@@ -7,11 +7,14 @@ Two steps::
     # AUROC, sens/spec at tau = 5 % (mean over flow fits), for one encoder or an ensemble
     python experiments/zuo2023_iqc/diagnose.py score /tmp/zdiag/seed0.pt --rep ax20 ax40 3o20
     python experiments/zuo2023_iqc/diagnose.py score /tmp/zdiag/seed0.pt /tmp/zdiag/seed1.pt
+    python experiments/zuo2023_iqc/diagnose.py score A.pt B.pt C.pt --combine mean
 
 ``RUN`` is an ``encoder_contrastive`` run folder. Representations (``--rep``): ``axN`` the
 mean code of the N central axial slices (``ax20`` = the study's), ``3o20`` the mean over the 20
 central slices of all three orientations, ``3o20cat`` the three orientation means side by side.
-Several code files are an encoder ensemble (codes concatenated, as ``flow.encoder_ckpt=[...]``).
+Several code files are an encoder ensemble: ``--combine joint`` (default) fits one flow on the
+concatenated codes, as ``flow.encoder_ckpt=[...]`` does; ``--combine mean`` fits one flow per
+member and averages the members' log-densities, each standardised on the training codes.
 Each score is the mean over ``--flow-fits`` RealNVP fits (the study's flow setting, seeds
 0, 1, ...): a single fit moves the AUROC by up to ~0.02. Thresholds are the tau percentile of
 the in-sample training log-densities, as in ``flow_density``. Also prints how one-dimensional
@@ -79,8 +82,56 @@ def _rep(codes: dict, split: str, how: str) -> np.ndarray:
     raise ValueError(f"unknown representation {how!r}")
 
 
-def score(files: list[Path], reps: list[str], fits: int) -> None:
+def _fit_log_prob(tr: np.ndarray, te: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Log-densities of the training ``(N, d)`` and test ``(M, d)`` codes under one flow fit.
+
+    The study's flow setting (``conf/model/flow.yaml``): RealNVP, 6 couplings, hidden [32, 32],
+    early stopping on 20 % held-out codes; ``seed`` seeds the initialisation and the split.
+    """
     from qcflow.models.flow import DensityFlow, fit_flow
+
+    torch.manual_seed(seed)
+    density = DensityFlow(features=tr.shape[1], transforms=6, hidden_features=(32, 32))
+    fit_flow(density, torch.tensor(tr, dtype=torch.float32), epochs=300,
+             val_fraction=0.2, generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    with torch.no_grad():
+        ltr = density.log_prob(torch.tensor(tr, dtype=torch.float32)).double().numpy()
+        lte = density.log_prob(torch.tensor(te, dtype=torch.float32)).double().numpy()
+    return ltr, lte
+
+
+def combined_log_prob(
+    train: list[np.ndarray], test: list[np.ndarray], combine: str, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training and test scores (higher = more typical) of an ensemble's codes.
+
+    Args:
+        train: per member, ``(N, d_k)`` training codes.
+        test: per member, ``(M, d_k)`` test codes.
+        combine: ``'joint'`` -- one flow on the concatenated codes (``flow.encoder_ckpt`` as
+            a list); ``'mean'`` -- one flow per member, each member's log-density standardised
+            by the mean and standard deviation of its training log-densities, then averaged
+            over members (each member gets the same weight whatever its density's scale).
+        seed: flow seed (every member's flow gets the same one).
+
+    Returns:
+        ``(N,)`` training and ``(M,)`` test scores; thresholds are tau percentiles of the
+        training scores.
+    """
+    if combine == "joint":
+        return _fit_log_prob(np.concatenate(train, 1), np.concatenate(test, 1), seed)
+    if combine != "mean":
+        raise ValueError(f"combine must be 'joint' or 'mean', got {combine!r}")
+    s_tr, s_te = [], []
+    for tr, te in zip(train, test, strict=True):
+        ltr, lte = _fit_log_prob(tr, te, seed)
+        mu, sd = ltr.mean(), ltr.std()
+        s_tr.append((ltr - mu) / sd)
+        s_te.append((lte - mu) / sd)
+    return np.mean(s_tr, 0), np.mean(s_te, 0)
+
+
+def score(files: list[Path], reps: list[str], fits: int, combine: str = "joint") -> None:
     from qcflow.qc import detection as det
 
     torch.set_num_threads(1)
@@ -90,18 +141,13 @@ def score(files: list[Path], reps: list[str], fits: int) -> None:
     kinds = np.array(first["test_clean"]["kinds"] + first["test_artifact"]["kinds"])
     severity = np.array(first["test_clean"]["severity"] + first["test_artifact"]["severity"])
     for how in reps:
-        tr = np.concatenate([_rep(c, "train", how) for c in all_codes], 1)
-        test = [[_rep(c, "test_clean", how), _rep(c, "test_artifact", how)] for c in all_codes]
-        te = np.concatenate([np.concatenate(t) for t in test], 1)
+        tr = [_rep(c, "train", how) for c in all_codes]
+        te = [np.concatenate([_rep(c, "test_clean", how), _rep(c, "test_artifact", how)])
+              for c in all_codes]  # fmt: skip
+        d = sum(t.shape[1] for t in tr)
         rows = []
         for seed in range(fits):
-            torch.manual_seed(seed)
-            density = DensityFlow(features=tr.shape[1], transforms=6, hidden_features=(32, 32))
-            fit_flow(density, torch.tensor(tr, dtype=torch.float32), epochs=300,
-                     val_fraction=0.2, generator=torch.Generator().manual_seed(seed))  # fmt: skip
-            with torch.no_grad():
-                ltr = density.log_prob(torch.tensor(tr, dtype=torch.float32)).double().numpy()
-                lte = density.log_prob(torch.tensor(te, dtype=torch.float32)).double().numpy()
+            ltr, lte = combined_log_prob(tr, te, combine, seed)
             flag = lte < np.quantile(ltr, 0.05)
             sens, spec = det.sensitivity_specificity(det.contingency(flag, labels))
             never = np.mean([flag[kinds == k].mean() for k in NEVER])
@@ -109,7 +155,7 @@ def score(files: list[Path], reps: list[str], fits: int) -> None:
             rows.append([det.auroc(-lte, labels), sens, spec, never, *sev])
         o = np.array(rows)
         print(
-            f"{how:8s} d={tr.shape[1]:2d} AUROC {o[:, 0].mean():.3f} "
+            f"{how:8s} d={d:2d} {combine:5s} AUROC {o[:, 0].mean():.3f} "
             f"({o[:, 0].min():.3f}-{o[:, 0].max():.3f})  sens {100 * o[:, 1].mean():.1f}  "
             f"spec {100 * o[:, 2].mean():.1f}  never-simulated {100 * o[:, 3].mean():.1f}  "
             f"severity 1/2/3 {100 * o[:, 4].mean():.0f}/{100 * o[:, 5].mean():.0f}/"
@@ -165,11 +211,16 @@ def main() -> None:
     s.add_argument("codes", type=Path, nargs="+")
     s.add_argument("--rep", nargs="+", default=["ax20"])
     s.add_argument("--flow-fits", type=int, default=4)
+    s.add_argument(
+        "--combine", choices=("joint", "mean"), default="joint",
+        help="ensemble: one flow on the concatenated codes (joint, the pipeline's) or the mean "
+        "of per-member standardised log-densities (mean)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.cmd == "embed":
         embed(args.run, args.out)
     else:
-        score(args.codes, args.rep, args.flow_fits)
+        score(args.codes, args.rep, args.flow_fits, args.combine)
 
 
 if __name__ == "__main__":
