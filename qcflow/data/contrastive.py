@@ -189,6 +189,10 @@ class NegativeBank:
         self._store: dict[tuple[int, int], list[Any]] = {}
         self.drawn = 0  # corrupted volumes computed so far (for tests and logs)
 
+    def clear(self) -> None:
+        """Drop every banked copy: later uses redraw them (from the current ``sampler``)."""
+        self._store.clear()
+
     def get(
         self, i: int, slot: int, volume: Tensor, indices: Sequence[int], g: torch.Generator
     ) -> tuple[Tensor, list[int], int]:
@@ -295,6 +299,17 @@ class ContrastiveSliceDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.volumes) * self.queries_per_volume
+
+    def set_corrupt(self, sampler: RandomArtifacts) -> None:
+        """Draw later corrupted copies from ``sampler`` (a severity schedule changed the
+        ranges); banked 3-D copies drawn with the old one are dropped, so every negative after
+        the change comes from the new ranges."""
+        if self.corrupt is None:
+            raise ValueError("this dataset has no corrupted negatives (corrupt=None) to change")
+        self.corrupt = sampler
+        if self.bank is not None:
+            self.bank.sampler = sampler
+            self.bank.clear()
 
     def _generator(self, idx: int) -> torch.Generator:
         if self.deterministic:
@@ -413,6 +428,27 @@ class ContrastiveDataModule(ScanDataModule):
             scans = self.train_scans if train else (self.val_scans or self.train_scans[:2])
             self._datasets[train] = self._dataset(scans, train)
         return self._datasets[train]
+
+    @property
+    def train_corrupt(self) -> RandomArtifacts | None:
+        """The sampler of the training negatives (the configured one until
+        :meth:`set_train_corrupt`)."""
+        return self._cached_dataset(True).corrupt
+
+    def set_train_corrupt(self, sampler: RandomArtifacts) -> None:
+        """Training negatives from now on come from ``sampler`` (banked copies are redrawn);
+        validation keeps the configured sampler, so ``val/loss`` stays comparable across epochs.
+
+        Raises:
+            ValueError: with ``num_workers > 0`` (persistent workers hold their own copy of the
+                dataset, which a change in the main process would not reach).
+        """
+        if int(self.cfg.get("num_workers", 0)) > 0:
+            raise ValueError(
+                "changing the negatives' ranges during training needs data.num_workers=0 "
+                "(persistent DataLoader workers keep their own copy of the sampler)"
+            )
+        self._cached_dataset(True).set_corrupt(sampler)
 
     def train_dataloader(self) -> DataLoader:
         # drop_last keeps every batch large enough to hold negatives from other volumes

@@ -24,10 +24,11 @@ Lightning's ``seed_everything``). Same seed, same parameters, same image.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 import torch
@@ -52,7 +53,9 @@ __all__ = [
     "NoiseRange",
     "RandomArtifacts",
     "SpikeRange",
+    "STRENGTH_FIELDS",
     "WrapRange",
+    "interpolate_ranges",
 ]
 
 _SEED_MAX = 2**31 - 1
@@ -312,6 +315,89 @@ def _parse_kind(kind: str, value: Any) -> Any:
     raise TypeError(f"{kind} must be null, true, a mapping of options or a {tp.__name__}")
 
 
+#: range fields a severity schedule may move, and which way is milder: ``+1`` a higher value is
+#: milder (noise SNR, fraction of k-space lines kept), ``-1`` a lower value is milder (spike
+#: magnitude, blur ratio), ``0`` a symmetric range is milder when narrower (motion, bias)
+STRENGTH_FIELDS: dict[tuple[str, str], int] = {
+    ("spike", "intensity"): -1,
+    ("noise", "snr_db"): +1,
+    ("blur", "ratio"): -1,
+    ("wrap", "keep_fraction"): +1,
+    ("motion", "degrees"): 0,
+    ("motion", "translation"): 0,
+    ("bias", "coefficients"): 0,
+}
+
+
+def _no_milder_than(pair: tuple[float, float], floor: float, milder: int) -> tuple[float, float]:
+    """Clamp both bounds of ``pair`` so that neither is milder than ``floor``."""
+    lo, hi = pair
+    if milder > 0:
+        return min(lo, floor), min(hi, floor)
+    if milder < 0:
+        return max(lo, floor), max(hi, floor)
+    a = abs(floor)  # symmetric: the half-width is at least |floor|
+    return min(lo, -a), max(hi, a)
+
+
+def interpolate_ranges(
+    start: Mapping[str, Any],
+    end: Mapping[str, Mapping[str, Sequence[float]]],
+    t: float,
+    floor: Mapping[str, Mapping[str, float]] | None = None,
+) -> dict[str, Any]:
+    """Artifact ranges between ``start`` (``t = 0``) and a milder ``end`` (``t = 1``).
+
+    Every bound of a strength field (:data:`STRENGTH_FIELDS`) moves linearly,
+    ``b(t) = (1 - t) b_start + t b_target``, where the target is ``end``'s bound (``start``'s
+    where ``end`` does not name the field) clamped so that it is not milder than ``floor``.
+    ``t = 0`` returns ``start``'s ranges unchanged. A bound that the start already puts beyond
+    the floor (the paper's 30 dB upper SNR against a 20 dB floor) moves to the floor; every
+    other bound stays on the strong side of it for every ``t``. Other fields (probabilities,
+    counts, axes) are kept.
+
+    Args:
+        start: kind -> range dataclass or ``None`` (:attr:`RandomArtifacts.ranges`).
+        end: kind -> {field: ``[low, high]``}, the mild end (e.g. ``{"noise": {"snr_db":
+            [5, 20]}}``); kinds disabled in ``start`` are ignored.
+        t: position in [0, 1].
+        floor: kind -> {field: value}, the mildest value a bound may be moved to (for a
+            symmetric field: the smallest half-width).
+
+    Returns:
+        A new kind -> range mapping (``start`` is not modified).
+
+    Raises:
+        ValueError: ``t`` outside [0, 1], or a field that is not a strength range.
+    """
+    t = float(t)
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"t must be in [0, 1], got {t}")
+    floor = floor or {}
+    for spec in (end, floor):
+        for kind, values in spec.items():
+            bad = [f for f in values if (kind, f) not in STRENGTH_FIELDS]
+            if bad:
+                valid = sorted(f"{k}.{f}" for k, f in STRENGTH_FIELDS)
+                raise ValueError(f"not a strength range: {kind}.{bad}; valid: {valid}")
+    out = dict(start)
+    for kind, rng in start.items():
+        if rng is None:
+            continue
+        changes = {}
+        for (k, name), milder in STRENGTH_FIELDS.items():
+            if k != kind or (name not in end.get(kind, {}) and name not in floor.get(kind, {})):
+                continue
+            a = getattr(rng, name)
+            b = _pair(end.get(kind, {}).get(name, a), f"{kind}.{name}", symmetric=milder == 0)
+            if name in floor.get(kind, {}):
+                b = _no_milder_than(b, float(floor[kind][name]), milder)
+            changes[name] = tuple((1.0 - t) * x + t * y for x, y in zip(a, b, strict=True))
+        if changes and t > 0.0:
+            out[kind] = replace(rng, **changes)
+    return out
+
+
 class RandomArtifacts:
     """Sampler of k-space artifacts with per-kind probabilities and an overall rate.
 
@@ -389,6 +475,19 @@ class RandomArtifacts:
         for k in _RANGES:
             kwargs.setdefault(k, True)
         return cls(rate=rate, **kwargs)
+
+    def with_ranges(self, ranges: Mapping[str, Any]) -> RandomArtifacts:
+        """A copy that draws from ``ranges`` (kind -> range or ``None``), all else the same.
+
+        Used by a severity schedule (:class:`qcflow.lit.callbacks.SeverityCurriculum`) with
+        :func:`interpolate_ranges`; the copy starts its own generator stream.
+        """
+        unknown = sorted(set(ranges) - set(_RANGES))
+        if unknown:
+            raise ValueError(f"unknown artifact kind(s) {unknown}; valid: {sorted(_RANGES)}")
+        new = copy.copy(self)  # __getstate__: a fresh generator
+        new.ranges = {k: _parse_kind(k, ranges.get(k)) for k in _RANGES}
+        return new
 
     @property
     def kinds(self) -> tuple[str, ...]:

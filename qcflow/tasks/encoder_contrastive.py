@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from qcflow.data.contrastive import ContrastiveDataModule
 from qcflow.tasks.common import build_trainer, seed_all, trainer_metrics
 
-__all__ = ["run", "set_threads", "skipped_report"]
+__all__ = ["run", "set_threads", "skipped_report", "curriculum_callbacks"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,20 @@ def set_threads(cfg: DictConfig) -> None:
 def skipped_report(dm: Any) -> list[dict[str, str]]:
     """The scans a data module skipped, as ``[{"scan": path, "reason": ...}]``."""
     return [{"scan": str(scan.path), "reason": reason} for scan, reason in dm.errors]
+
+
+def curriculum_callbacks(ccfg: Any) -> list[Any]:
+    """``[SeverityCurriculum]`` when ``contrastive.curriculum.enabled``, else ``[]``."""
+    cur = ccfg.get("curriculum") if ccfg else None
+    if not cur or not cur.get("enabled", False):
+        return []
+    from omegaconf import OmegaConf
+
+    from qcflow.lit.callbacks import SeverityCurriculum
+
+    kwargs = OmegaConf.to_container(cur, resolve=True) if isinstance(cur, DictConfig) else cur
+    kwargs = {k: v for k, v in dict(kwargs).items() if k != "enabled"}
+    return [SeverityCurriculum(**kwargs)]
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -59,7 +73,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     dm.prepare()
     t_data = time.perf_counter() - t0
     model = instantiate(cfg.model, figure_dir=str(out / "figures"), _convert_="all")
-    trainer = build_trainer(cfg)
+    curriculum = curriculum_callbacks(ccfg)
+    trainer = build_trainer(cfg, callbacks=curriculum)
     trainer.fit(model, datamodule=dm)
     results: dict[str, Any] = trainer_metrics(trainer)
     ckpt = out / "checkpoints" / "last.ckpt"
@@ -74,5 +89,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "checkpoint": str(ckpt) if ckpt.is_file() else None,
         }
     )
+    if curriculum:  # (epoch, level) at every change of the negatives' ranges
+        results["curriculum_levels"] = [list(h) for h in curriculum[0].history]
     log.info("encoder trained in %.1f s (%s)", results["total_seconds"], results.get("val/loss"))
     return results
