@@ -340,11 +340,15 @@ def test_patch_context_offsets_only_the_artifact_channels_and_starts_at_zero() -
         # fresh context (zero output layer): the network equals the plain one after init_from
         torch.testing.assert_close(plain[:, :1], task(x)[1])
         torch.testing.assert_close(plain[:, 1:], torch.full_like(plain[:, 1:], -2.0))
-        m.net.context.out.bias.copy_(torch.arange(1.0, 6.0))
+        offsets = torch.arange(1.0, 6.0) * 0.5  # bounded: 3 * tanh(raw / 3)
+        m.net.context.out.bias.copy_(3.0 * torch.atanh(offsets / 3.0))
         shifted = m(x)[1]
+        m.net.context.out.bias.fill_(1e4)  # the bound holds for any raw output
+        capped = m(x)[1]
     torch.testing.assert_close(shifted[:, :1], plain[:, :1])  # task channel untouched
-    expected = plain[:, 1:] + torch.arange(1.0, 6.0).view(1, 5, 1, 1, 1)
-    torch.testing.assert_close(shifted[:, 1:], expected)
+    torch.testing.assert_close(shifted[:, 1:], plain[:, 1:] + offsets.view(1, 5, 1, 1, 1))
+    torch.testing.assert_close(capped[:, 1:], plain[:, 1:] + 3.0)
+    m.net.context.out.bias.data.zero_()
     # the context branch is trained through the loss; frozen stages still get no gradient
     m.train()
     losses = m.compute_loss(_batch())

@@ -43,15 +43,27 @@ class PatchContext(nn.Module):
         in_channels: image channels.
         num_outputs: offsets per patch (one per artifact log-variance channel).
         widths: features of the stride-2 3x3x3 convolutions (one per level).
+        max_offset: offsets are ``max_offset * tanh(raw / max_offset)``, i.e. a variance
+            changes by at most a factor ``exp(max_offset)`` either way. Unbounded offsets let a
+            channel sink to the log-variance floor, where the clamp stops its gradient for good
+            (measured: teachers trained with ``teacher_negatives`` ended at exactly 0 on every
+            image).
 
     Shapes:
         ``x`` ``(B, in_channels, D, H, W)`` -> ``(B, num_outputs)``; zero for a fresh module.
     """
 
     def __init__(
-        self, in_channels: int, num_outputs: int, widths: Sequence[int] = (16, 32, 32)
+        self,
+        in_channels: int,
+        num_outputs: int,
+        widths: Sequence[int] = (16, 32, 32),
+        max_offset: float = 3.0,
     ) -> None:
         super().__init__()
+        if max_offset <= 0:
+            raise ValueError(f"max_offset must be > 0, got {max_offset}")
+        self.max_offset = float(max_offset)
         layers: list[nn.Module] = []
         c = in_channels
         for w in widths:
@@ -64,7 +76,8 @@ class PatchContext(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         f = self.features(x).flatten(2)  # (B, C, N)
-        return self.out(torch.cat([f.mean(-1), f.std(-1, correction=0)], dim=1))
+        raw = self.out(torch.cat([f.mean(-1), f.std(-1, correction=0)], dim=1))
+        return self.max_offset * torch.tanh(raw / self.max_offset)
 
 
 class TwoHeadUNet(nn.Module):
@@ -85,6 +98,7 @@ class TwoHeadUNet(nn.Module):
         res_block: residual blocks (nnU-Net "ResEnc"-like) instead of plain conv blocks.
         context: add a :class:`PatchContext` branch giving each artifact log-variance channel a
             per-patch offset (no effect with a single source, i.e. the task network).
+        context_max_offset: bound of the context offsets (log-variance units).
 
     Shapes:
         ``x`` ``(B, in_channels, D, H, W)`` -> ``logits`` ``(B, num_classes, D, H, W)`` and
@@ -103,6 +117,7 @@ class TwoHeadUNet(nn.Module):
         deep_supr_num: int = 1,
         res_block: bool = False,
         context: bool = False,
+        context_max_offset: float = 3.0,
     ) -> None:
         super().__init__()
         if num_sources < 1 or num_classes < 2:
@@ -130,7 +145,7 @@ class TwoHeadUNet(nn.Module):
             res_block=res_block,
         )
         self.context = (
-            PatchContext(in_channels, self.num_sources - 1)
+            PatchContext(in_channels, self.num_sources - 1, max_offset=context_max_offset)
             if context and self.num_sources > 1
             else None
         )
