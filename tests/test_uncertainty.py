@@ -355,3 +355,42 @@ def test_patch_context_offsets_only_the_artifact_channels_and_starts_at_zero() -
     losses["loss"].backward()
     assert m.net.context.out.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in m.frozen.parameters())
+
+
+def test_kind_aux_loss_is_the_bce_of_the_context_logits_against_the_applied_kinds() -> None:
+    torch.manual_seed(0)
+    task = _task_net()
+    teachers = {k: _teacher_net() for k in KINDS}
+    net = {**TINY, "context": True}
+    plain = UncertaintySeg("student", KINDS, net=net, task_net=task, teacher_nets=teachers)
+    aux = UncertaintySeg(
+        "student", KINDS, net=net, task_net=task, teacher_nets=teachers, kind_aux_weight=0.5
+    )
+    aux.net.load_state_dict(plain.net.state_dict())
+    with torch.no_grad():  # a non-trivial classifier
+        aux.net.context.out.weight.normal_()
+        plain.net.context.out.weight.copy_(aux.net.context.out.weight)
+    batch = {**_batch(), "artifact_kinds": [["noise", "wrap"], []]}
+    out, ref = aux.compute_loss(batch), plain.compute_loss(batch)
+    assert "kind_aux" not in ref
+    logits = aux.net.context.logits(batch["image"])
+    target = torch.tensor([[0.0, 1, 0, 1, 0], [0, 0, 0, 0, 0]])
+    # hand computation of the mean binary cross-entropy with logits
+    p = torch.sigmoid(logits)
+    bce = -(target * p.log() + (1 - target) * (1 - p).log()).mean()
+    torch.testing.assert_close(out["kind_aux"], bce)
+    torch.testing.assert_close(out["loss"], ref["loss"] + 0.5 * bce)
+    out["kind_aux"].backward()
+    assert aux.net.context.features[0].weight.grad.abs().sum() > 0
+    # a teacher's single logit is "its kind applied"
+    teacher = UncertaintySeg("teacher", ["noise"], net=net, task_net=task, kind_aux_weight=1.0)
+    t_logit = teacher.net.context.logits(batch["image"])
+    t_out = teacher.compute_loss(batch)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        t_logit, torch.tensor([[1.0], [0.0]])
+    )
+    torch.testing.assert_close(t_out["kind_aux"], expected)
+    with pytest.raises(ValueError, match="artifact_kinds"):
+        aux.compute_loss(_batch())
+    with pytest.raises(ValueError, match="context"):
+        UncertaintySeg("teacher", ["noise"], net=TINY, task_net=task, kind_aux_weight=1.0)

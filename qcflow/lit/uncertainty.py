@@ -23,6 +23,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 import torchio as tio
 from torch import Tensor, nn
 
@@ -153,6 +154,13 @@ class UncertaintySeg(pl.LightningModule):
             samples, weight ``consistency_weight``; student: its consistency target there is 0
             instead of teacher i's output): a channel stays near 0 unless its kind is present.
             Needs ``batch["artifact_kinds"]``.
+        kind_aux_weight: weight of an auxiliary, self-supervised kind-presence loss (0: off,
+            the paper): the network's :class:`~qcflow.models.unet.PatchContext` outputs (which
+            offset the artifact log-variances per patch) are also trained as logits of "kind i
+            was applied to this sample" (binary cross-entropy against
+            ``batch["artifact_kinds"]``, the simulation's own record; no human labels), so a
+            channel's offset rises on patches that carry its kind and falls elsewhere. Needs
+            ``net.context`` and the batch's ``artifact_kinds``.
 
     Shapes: ``forward(x (B, 1, D, H, W)) -> (logits (B, 2, D, H, W), log_var (B, K, D, H, W))``
     with K = 1 (task), 2 (teacher), 1 + len(kinds) (student).
@@ -177,6 +185,7 @@ class UncertaintySeg(pl.LightningModule):
         hce_task_var: str = "own",
         student_targets: str = "corrupted",
         absent_kind_var: str = "free",
+        kind_aux_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if hce_task_var not in HCE_TASK_VAR:
@@ -211,6 +220,11 @@ class UncertaintySeg(pl.LightningModule):
         self.hce_task_var = str(hce_task_var)
         self.student_targets = str(student_targets)
         self.absent_kind_var = str(absent_kind_var)
+        self.kind_aux_weight = float(kind_aux_weight)
+        if self.kind_aux_weight < 0:
+            raise ValueError(f"kind_aux_weight must be >= 0, got {kind_aux_weight}")
+        if self.kind_aux_weight > 0 and self.net.context is None:
+            raise ValueError("kind_aux_weight > 0 needs a teacher/student net with context=True")
         # frozen stages are optional here (loading for inference); fitting checks them
         frozen: dict[str, nn.Module] = {}
         if task_net is not None and role != "task":
@@ -388,6 +402,15 @@ class UncertaintySeg(pl.LightningModule):
                     cons = cons + pull
             out["consistency"] = cons
             out["loss"] = seg + self.consistency_weight * cons
+        if self.kind_aux_weight > 0:
+            if present is None:
+                raise ValueError("kind_aux_weight > 0 needs the batch's 'artifact_kinds'")
+            assert self.net.context is not None
+            aux = F.binary_cross_entropy_with_logits(
+                self.net.context.logits(image), present.float()
+            )
+            out["kind_aux"] = aux
+            out["loss"] = out["loss"] + self.kind_aux_weight * aux
         with torch.no_grad():
             pred = logits.argmax(1)
             out["dice"] = _dice((pred == 1).float(), (label[:, 0] == 1).float())
@@ -400,7 +423,7 @@ class UncertaintySeg(pl.LightningModule):
         # rank-averaged under DDP (metrics.json, loggers); EpsilonSchedule reduces on its own
         log = {"batch_size": bs, "sync_dist": True}
         self.log("train/loss", losses["loss"], on_step=True, on_epoch=True, **log)
-        for k in ("seg", "consistency", "dice", "absent_kind_var"):
+        for k in ("seg", "consistency", "dice", "absent_kind_var", "kind_aux"):
             if k in losses:
                 self.log(f"train/{k}", losses[k], on_step=False, on_epoch=True, **log)
         self.log("train/eps", self.eps, on_step=False, on_epoch=True, batch_size=bs)

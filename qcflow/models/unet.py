@@ -74,10 +74,13 @@ class PatchContext(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def logits(self, x: Tensor) -> Tensor:
+        """Unbounded ``(B, num_outputs)`` outputs (also trained as kind-presence logits)."""
         f = self.features(x).flatten(2)  # (B, C, N)
-        raw = self.out(torch.cat([f.mean(-1), f.std(-1, correction=0)], dim=1))
-        return self.max_offset * torch.tanh(raw / self.max_offset)
+        return self.out(torch.cat([f.mean(-1), f.std(-1, correction=0)], dim=1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.max_offset * torch.tanh(self.logits(x) / self.max_offset)
 
 
 class TwoHeadUNet(nn.Module):

@@ -105,6 +105,7 @@ def build_module(cfg: DictConfig) -> UncertaintySeg:
         hce_task_var=str(ucfg.get("hce_task_var", "own")),
         student_targets=str(ucfg.get("student_targets", "corrupted")),
         absent_kind_var=str(ucfg.get("absent_kind_var", "free")),
+        kind_aux_weight=float(ucfg.get("kind_aux_weight", 0.0)),
     )
 
 
