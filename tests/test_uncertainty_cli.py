@@ -87,6 +87,31 @@ def test_fast_dev_run(
         assert results["role"] == role and results["global_step"] == 1
 
 
+def test_fast_dev_run_teacher_with_context_and_kind_loss(
+    small_embedded: Path, stage_ckpts: dict[str, Path], tmp_path: Path
+) -> None:
+    """The decoupling switches together: patch context, kind-presence loss, negatives."""
+    over = [
+        "experiment=uncertainty_teacher",
+        "debug=fast",
+        *TINY,
+        "artifact=noise",
+        f"uncertainty.task_ckpt={stage_ckpts['task']}",
+        "model.context=true",
+        "uncertainty.kind_aux_weight=1.0",
+        "uncertainty.absent_kind_var=zero",
+        "uncertainty.teacher_negatives=0.5",
+    ]
+    cfg = compose_cfg(over, tmp_path)
+    from qcflow.tasks.uncertainty_train import build_module, run
+
+    module = build_module(cfg)
+    assert module.net.context is not None and module.kind_aux_weight == 1.0
+    results = run(cfg)
+    assert results["global_step"] == 1
+    assert any("kind_aux" in k for k in results), sorted(results)
+
+
 def test_chain_task_teachers_student_evaluate(small_embedded: Path, tmp_path: Path) -> None:
     runs = Path(os.environ["QCFLOW_HOME"]) / "runs"
     short = [
