@@ -13,7 +13,9 @@ network on each patch and fits four probes on scans 0..0.6N-1, tested on the res
 
     python experiments/shaw2021_uncertainty/linear_probe.py RUN_OR_CKPT [--scans 10]
 
-Prints the test accuracy (chance 1/6) and the recall per kind.
+Prints the test accuracy (chance 1/6) and the recall per kind. For a network with a patch-context
+branch trained with the kind-presence loss (``model.context``, ``uncertainty.kind_aux_weight``)
+it also prints that classifier's own mean presence probability per true kind on all patches.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ def main() -> None:
     torch.set_num_threads(1)
 
     cfg = compose_config(["experiment=uncertainty_evaluate"])
-    unet = load_stage(ckpt).net.net
+    two_head = load_stage(ckpt).net
+    unet, context = two_head.net, two_head.context
+    presence: dict[str, list] = {}
     kinds = ["spike", "noise", "blur", "wrap", "motion"]
     feats: dict[str, torch.Tensor] = {}
     unet.bottleneck.register_forward_hook(lambda m, i, o: feats.__setitem__("b", o))
@@ -85,8 +89,12 @@ def main() -> None:
                     for d in range(3)
                 ]
                 sl = tuple(slice(s, s + PATCH) for s in lo)
+                patch = image[(slice(None), *sl)][None]
                 with torch.no_grad():
-                    unet(image[(slice(None), *sl)][None])
+                    unet(patch)
+                    if context is not None:
+                        prob = torch.sigmoid(context.logits(patch))[0].numpy()
+                        presence.setdefault(kind, []).append(prob)
                 maps = [feats["b"]] + [feats[f"u{j}"] for j in range(len(unet.upsamples))]
                 hyper = torch.cat(
                     [F.interpolate(m, size=(PATCH,) * 3, mode="trilinear") for m in maps], 1
@@ -135,6 +143,13 @@ def main() -> None:
         print(
             f"{name:12s} dim {x.shape[1]:4d} accuracy {float((pred == y[te]).mean()):.3f}  {recall}"
         )
+
+    if presence:
+        print("context classifier: mean P(kind applied), rows = true kind, columns = its outputs")
+        print("        " + " ".join(f"{k:>7s}" for k in kinds))
+        for kind in ["none", *kinds]:
+            row = np.mean(presence[kind], axis=0)
+            print(f"  {kind:6s}" + " ".join(f"{v:7.3f}" for v in row))
 
 
 if __name__ == "__main__":
