@@ -394,3 +394,21 @@ def test_kind_aux_loss_is_the_bce_of_the_context_logits_against_the_applied_kind
         aux.compute_loss(_batch())
     with pytest.raises(ValueError, match="context"):
         UncertaintySeg("teacher", ["noise"], net=TINY, task_net=task, kind_aux_weight=1.0)
+
+
+def test_context_from_a_kind_classifier_gives_log_odds_against_clean() -> None:
+    from qcflow.models.unet import PatchContext
+
+    torch.manual_seed(0)
+    classes = ["none", "spike", "noise", "blur"]
+    clf = PatchContext(1, len(classes))
+    torch.nn.init.normal_(clf.out.weight)
+    torch.nn.init.normal_(clf.out.bias)
+    ctx = PatchContext(1, 2)
+    ctx.init_from_classifier(clf, classes, ["blur", "spike"])
+    x = torch.rand(3, 1, 8, 8, 8)
+    with torch.no_grad():
+        full = clf.logits(x)
+        torch.testing.assert_close(ctx.logits(x), full[:, [3, 1]] - full[:, :1])
+    with pytest.raises(ValueError, match="cover"):
+        ctx.init_from_classifier(clf, classes, ["blur", "motion"])

@@ -90,7 +90,15 @@ def test_fast_dev_run(
 def test_fast_dev_run_teacher_with_context_and_kind_loss(
     small_embedded: Path, stage_ckpts: dict[str, Path], tmp_path: Path
 ) -> None:
-    """The decoupling switches together: patch context, kind-presence loss, negatives."""
+    """The decoupling switches together: patch context (started from a kind classifier),
+    kind-presence loss, negatives."""
+    from qcflow.errors import ConfigError
+    from qcflow.models.unet import PatchContext
+
+    clf = PatchContext(1, 3)
+    torch.nn.init.normal_(clf.out.weight)
+    saved = {"state_dict": clf.state_dict(), "classes": ["none", "noise", "blur"]}
+    torch.save({**saved, "widths": [16, 32, 32]}, tmp_path / "clf.pt")
     over = [
         "experiment=uncertainty_teacher",
         "debug=fast",
@@ -101,12 +109,20 @@ def test_fast_dev_run_teacher_with_context_and_kind_loss(
         "uncertainty.kind_aux_weight=1.0",
         "uncertainty.absent_kind_var=zero",
         "uncertainty.teacher_negatives=0.5",
+        f"uncertainty.context_init={tmp_path / 'clf.pt'}",
     ]
     cfg = compose_cfg(over, tmp_path)
     from qcflow.tasks.uncertainty_train import build_module, run
 
     module = build_module(cfg)
     assert module.net.context is not None and module.kind_aux_weight == 1.0
+    x = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():  # the teacher's logit is the classifier's noise-vs-clean log-odds
+        full = clf.logits(x)
+        torch.testing.assert_close(module.net.context.logits(x), full[:, 1:2] - full[:, :1])
+    bad = compose_cfg([*over[:-1], f"uncertainty.context_init={tmp_path / 'nope.pt'}"], tmp_path)
+    with pytest.raises(ConfigError, match="nope.pt: context classifier not found"):
+        build_module(bad)
     results = run(cfg)
     assert results["global_step"] == 1
     assert any("kind_aux" in k for k in results), sorted(results)

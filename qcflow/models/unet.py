@@ -74,6 +74,26 @@ class PatchContext(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
+    @torch.no_grad()
+    def init_from_classifier(
+        self, classifier: PatchContext, classes: Sequence[str], kinds: Sequence[str]
+    ) -> None:
+        """Start from a kind classifier trained with a clean class (``kind_classifier.py``).
+
+        ``classifier`` has one output per entry of ``classes`` (which includes ``"none"``);
+        the features are copied and output ``i`` becomes the log-odds of ``kinds[i]`` against
+        clean: ``logit[kinds[i]] - logit["none"]``.
+        """
+        names = list(classes)
+        missing = [k for k in ["none", *kinds] if k not in names]
+        if missing or len(kinds) != self.out.out_features:
+            raise ValueError(f"classifier classes {names} do not cover none + {list(kinds)}")
+        self.features.load_state_dict(classifier.features.state_dict())
+        rows = torch.as_tensor([names.index(k) for k in kinds])
+        none = names.index("none")
+        self.out.weight.copy_(classifier.out.weight[rows] - classifier.out.weight[none])
+        self.out.bias.copy_(classifier.out.bias[rows] - classifier.out.bias[none])
+
     def logits(self, x: Tensor) -> Tensor:
         """Unbounded ``(B, num_outputs)`` outputs (also trained as kind-presence logits)."""
         f = self.features(x).flatten(2)  # (B, C, N)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -88,7 +90,7 @@ def build_module(cfg: DictConfig) -> UncertaintySeg:
                 raise ConfigError(f"{path}: not a '{kind}' teacher (sources {stage.sources})")
             teachers[kind] = stage.net
             log.info("frozen %s teacher: %s", kind, path)
-    return UncertaintySeg(
+    module = UncertaintySeg(
         role=role,
         kinds=kinds,
         net=OmegaConf.to_container(cfg.model, resolve=True),  # type: ignore[arg-type]
@@ -107,6 +109,28 @@ def build_module(cfg: DictConfig) -> UncertaintySeg:
         absent_kind_var=str(ucfg.get("absent_kind_var", "free")),
         kind_aux_weight=float(ucfg.get("kind_aux_weight", 0.0)),
     )
+    if ucfg.get("context_init"):
+        _init_context(module, Path(str(ucfg.context_init)))
+    return module
+
+
+def _init_context(module: UncertaintySeg, path: Path) -> None:
+    """Start the context branch from a kind classifier (``kind_classifier.py --save``)."""
+    from qcflow.models.unet import PatchContext
+
+    if module.net.context is None:
+        raise ConfigError(f"{path}: uncertainty.context_init needs model.context=true")
+    if not path.is_file():
+        raise ConfigError(f"{path}: context classifier not found")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        classes = [str(c) for c in saved["classes"]]
+        clf = PatchContext(1, len(classes), widths=saved["widths"])
+        clf.load_state_dict(saved["state_dict"])
+        module.net.context.init_from_classifier(clf, classes, module.kinds)
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise ConfigError(f"{path}: not a usable kind classifier ({err})") from err
+    log.info("context branch initialised from %s", path)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

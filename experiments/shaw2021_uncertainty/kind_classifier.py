@@ -1,0 +1,101 @@
+"""Can the ``PatchContext`` branch learn the artifact kind at all? A stand-alone check.
+
+Trains a ``qcflow.models.unet.PatchContext`` (the same small CNN that ``model.context`` adds) as a
+6-way classifier (clean / spike / noise / blur / wrap / motion) on 32^3 patches of training
+volumes, each corrupted once per kind at a random severity by the evaluation's samplers
+(``uncertainty_evaluate``: the ``augment.<kind>`` ranges), one kind per patch, patches drawn at
+random from the central part of the volume; volumes 0..N-11 train, the last 10 test::
+
+    python experiments/shaw2021_uncertainty/kind_classifier.py [--volumes 40] [--steps 600]
+        [--batch 8] [--lr 3e-3] [--save classifier.pt]
+
+Prints the training loss and the held-out accuracy (chance 1/6) every 100 steps. A network
+trained with ``uncertainty.kind_aux_weight`` sees far fewer patches (batch 2, 300-600 steps) and
+several kinds per volume. ``--save`` writes ``{"state_dict", "classes", "widths"}`` for
+``uncertainty.context_init`` (a teacher's / student's context branch then starts from it).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PATCH = 32
+
+
+def main() -> None:
+    from omegaconf import open_dict
+
+    from qcflow.api import compose_config
+    from qcflow.data.datamodule import VolumeDataModule
+    from qcflow.models.unet import PatchContext
+    from qcflow.tasks.uncertainty_evaluate import _sampler
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--volumes", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--save", default=None, help="write the trained classifier here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+
+    cfg = compose_config(["experiment=uncertainty_evaluate"])
+    kinds = ["spike", "noise", "blur", "wrap", "motion"]
+    data_cfg = cfg.data.copy()
+    with open_dict(data_cfg):
+        data_cfg.split = "train"
+        data_cfg.val_fraction = 0.0
+    dm = VolumeDataModule(data_cfg, with_label=True)
+    dm.prepare()
+    volumes = dm._volumes(dm.scans)
+    samplers = {k: _sampler(cfg, k, 7 + i) for i, k in enumerate(kinds)}
+    n = min(args.volumes, len(volumes))
+    bank = []
+    for v in range(n):
+        clean = volumes[v]["image"].float()
+        bank.append([clean] + [samplers[k](clean)[0].float() for k in kinds])
+
+    def draw(ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for _ in range(args.batch):
+            k = int(rng.integers(6))
+            img = bank[ids[int(rng.integers(len(ids)))]][k]
+            lo = [int(rng.integers(16, s - PATCH - 16)) for s in img.shape[1:]]
+            xs.append(img[:, lo[0] : lo[0] + PATCH, lo[1] : lo[1] + PATCH, lo[2] : lo[2] + PATCH])
+            ys.append(k)
+        return torch.stack(xs), torch.tensor(ys)
+
+    net = PatchContext(1, 6, max_offset=1e6)  # unbounded logits
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    train, test = list(range(n - 10)), list(range(n - 10, n))
+    for step in range(1, args.steps + 1):
+        x, y = draw(train)
+        loss = F.cross_entropy(net.logits(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            with torch.no_grad():
+                acc = np.mean(
+                    [
+                        float((net.logits(x).argmax(1) == y).float().mean())
+                        for x, y in (draw(test) for _ in range(20))
+                    ]
+                )
+            print(f"step {step} loss {loss.item():.3f} held-out accuracy {acc:.3f}", flush=True)
+    if args.save:
+        classes = ["none", *kinds]
+        torch.save(
+            {"state_dict": net.state_dict(), "classes": classes, "widths": [16, 32, 32]}, args.save
+        )
+        print(f"classifier written to {args.save}")
+
+
+if __name__ == "__main__":
+    main()
