@@ -27,12 +27,9 @@ PATCH = 32
 
 
 def main() -> None:
-    from omegaconf import open_dict
-
     from qcflow.api import compose_config
-    from qcflow.data.datamodule import VolumeDataModule
     from qcflow.models.unet import PatchContext
-    from qcflow.tasks.uncertainty_evaluate import _sampler
+    from qcflow.tasks.uncertainty_evaluate import _sampler, evaluation_volumes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--volumes", type=int, default=40)
@@ -47,13 +44,7 @@ def main() -> None:
 
     cfg = compose_config(["experiment=uncertainty_evaluate"])
     kinds = ["spike", "noise", "blur", "wrap", "motion"]
-    data_cfg = cfg.data.copy()
-    with open_dict(data_cfg):
-        data_cfg.split = "train"
-        data_cfg.val_fraction = 0.0
-    dm = VolumeDataModule(data_cfg, with_label=True)
-    dm.prepare()
-    volumes = dm._volumes(dm.scans)
+    volumes = evaluation_volumes(cfg, split="train")
     samplers = {k: _sampler(cfg, k, 7 + i) for i, k in enumerate(kinds)}
     n = min(args.volumes, len(volumes))
     bank = []

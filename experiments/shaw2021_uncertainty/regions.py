@@ -22,38 +22,30 @@ import torch
 
 
 def main() -> None:
-    from omegaconf import open_dict
-
     from qcflow.api import compose_config
-    from qcflow.data.datamodule import VolumeDataModule
+    from qcflow.errors import ConfigError
     from qcflow.qc.iqm import head_mask
     from qcflow.qc.segmentation import predict_volume
-    from qcflow.tasks.uncertainty_evaluate import _sampler
+    from qcflow.tasks.common import resolve_checkpoint
+    from qcflow.tasks.uncertainty_evaluate import evaluation_volumes, kind_samplers
     from qcflow.utils.stages import load_stage
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--scans", type=int, default=2)
     args = parser.parse_args()
-    ckpt = args.checkpoint
-    if ckpt.is_dir():
-        ckpt = ckpt / "checkpoints" / "last.ckpt"
-    if not ckpt.is_file():
-        raise SystemExit(f"{ckpt}: checkpoint not found")
+    cfg = compose_config(["experiment=uncertainty_evaluate"])
+    try:
+        ckpt = resolve_checkpoint(cfg, args.checkpoint, "uncertainty_student")
+    except ConfigError as err:
+        raise SystemExit(str(err)) from None
     torch.set_num_threads(1)
 
-    cfg = compose_config(["experiment=uncertainty_evaluate"])
     module = load_stage(ckpt)
     sources = list(module.sources)
     kinds = list(module.kinds)
-    data_cfg = cfg.data.copy()
-    with open_dict(data_cfg):
-        data_cfg.split = str(cfg.evaluate.split)
-        data_cfg.val_fraction = 0.0
-    dm = VolumeDataModule(data_cfg, with_label=True)
-    dm.prepare()
-    volumes = dm._volumes(dm.scans)
-    samplers = {k: _sampler(cfg, k, int(cfg.seed) + 101 * i) for i, k in enumerate(kinds)}
+    volumes = evaluation_volumes(cfg)
+    samplers = kind_samplers(cfg, kinds)
     roi = [int(p) for p in cfg.data.patch_size]
 
     means: dict[tuple[str, str], list[list[float]]] = {}

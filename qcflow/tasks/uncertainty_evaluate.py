@@ -33,7 +33,7 @@ from qcflow.tasks.common import resolve_checkpoint, seed_all
 from qcflow.utils.stages import load_stage
 from qcflow.utils.wandb import log_images, log_table
 
-__all__ = ["run", "severity_value", "decoupling_matrix"]
+__all__ = ["run", "severity_value", "decoupling_matrix", "evaluation_volumes", "kind_samplers"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,22 @@ def _sampler(cfg: DictConfig, kind: str, seed: int) -> Any:
     return instantiate(aug)
 
 
+def evaluation_volumes(cfg: DictConfig, split: str | None = None) -> Any:
+    """The labelled volumes of ``split`` (default ``evaluate.split``), all of them (no val part)."""
+    data_cfg = cfg.data.copy()
+    with open_dict(data_cfg):
+        data_cfg.split = str(split or cfg.evaluate.split)
+        data_cfg.val_fraction = 0.0
+    dm = VolumeDataModule(data_cfg, with_label=True)
+    dm.prepare()
+    return dm._volumes(dm.scans)
+
+
+def kind_samplers(cfg: DictConfig, kinds: list[str]) -> dict[str, Any]:
+    """One seeded single-kind sampler per kind (``cfg.seed + 101 * i`` for the i-th kind)."""
+    return {k: _sampler(cfg, k, int(cfg.seed) + 101 * i) for i, k in enumerate(kinds)}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     seed_all(cfg)
     ecfg = cfg.evaluate
@@ -106,19 +122,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     eval_kinds = [str(k) for k in (ecfg.get("kinds") or kinds)]
     log.info("evaluating %s (%s) on kinds %s", path, module.role, eval_kinds)
 
-    data_cfg = cfg.data.copy()
-    with open_dict(data_cfg):
-        data_cfg.split = str(ecfg.split)
-        data_cfg.val_fraction = 0.0
-    dm = VolumeDataModule(data_cfg, with_label=True)
-    dm.prepare()
-    volumes = dm._volumes(dm.scans)
+    volumes = evaluation_volumes(cfg)
     n_scans = min(len(volumes), int(ecfg.max_scans)) if ecfg.get("max_scans") else len(volumes)
     spacing = float(cfg.data.spacing)
     voxel_ml = spacing**3 / 1000.0
     affine = np.diag([spacing, spacing, spacing, 1.0])
     roi = [int(p) for p in (ecfg.get("roi_size") or cfg.data.patch_size)]
-    samplers = {k: _sampler(cfg, k, int(cfg.seed) + 101 * i) for i, k in enumerate(eval_kinds)}
+    samplers = kind_samplers(cfg, eval_kinds)
     predictor = module.net.predict
 
     rows: list[dict[str, Any]] = []
