@@ -357,7 +357,11 @@ class UncertaintySeg(pl.LightningModule):
     def compute_loss(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Heteroscedastic CE (all deep-supervision outputs) + consistency (full resolution)."""
         image, label = batch["image"], batch["label"]
-        outs = self.net.forward_all(image)
+        context_logits = None
+        if self.kind_aux_weight > 0:
+            assert self.net.context is not None
+            context_logits = self.net.context.logits(image)
+        outs = self.net.forward_all(image, context_logits)
         ref, absent = None, None
         if self.role != "task":
             present = self.kinds_present(batch)
@@ -402,13 +406,10 @@ class UncertaintySeg(pl.LightningModule):
                     cons = cons + pull
             out["consistency"] = cons
             out["loss"] = seg + self.consistency_weight * cons
-        if self.kind_aux_weight > 0:
+        if context_logits is not None:
             if present is None:
                 raise ValueError("kind_aux_weight > 0 needs the batch's 'artifact_kinds'")
-            assert self.net.context is not None
-            aux = F.binary_cross_entropy_with_logits(
-                self.net.context.logits(image), present.float()
-            )
+            aux = F.binary_cross_entropy_with_logits(context_logits, present.float())
             out["kind_aux"] = aux
             out["loss"] = out["loss"] + self.kind_aux_weight * aux
         with torch.no_grad():

@@ -99,8 +99,12 @@ class PatchContext(nn.Module):
         f = self.features(x).flatten(2)  # (B, C, N)
         return self.out(torch.cat([f.mean(-1), f.std(-1, correction=0)], dim=1))
 
+    def bound(self, logits: Tensor) -> Tensor:
+        """Offsets from :meth:`logits`: ``max_offset * tanh(logits / max_offset)``."""
+        return self.max_offset * torch.tanh(logits / self.max_offset)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.max_offset * torch.tanh(self.logits(x) / self.max_offset)
+        return self.bound(self.logits(x))
 
 
 class TwoHeadUNet(nn.Module):
@@ -180,11 +184,20 @@ class TwoHeadUNet(nn.Module):
             log_var = log_var + shift[:, :, None, None, None]
         return logits, log_var.clamp(*LOG_VAR_RANGE)
 
-    def forward_all(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """All outputs (full resolution first; deep-supervision ones are upsampled by DynUNet)."""
+    def forward_all(
+        self, x: Tensor, context_logits: Tensor | None = None
+    ) -> list[tuple[Tensor, Tensor]]:
+        """All outputs (full resolution first; deep-supervision ones are upsampled by DynUNet).
+
+        ``context_logits``: ``self.context.logits(x)`` when the caller needs them too (the
+        kind-presence loss), so the context branch runs once.
+        """
         out = self.net(x)
         outs = out.unbind(1) if out.ndim == 6 else (out,)  # (B, 1 + n, C, D, H, W) in training
-        offset = self.context(x) if self.context is not None else None
+        offset = None
+        if self.context is not None:
+            raw = self.context.logits(x) if context_logits is None else context_logits
+            offset = self.context.bound(raw)
         return [self._split(o, offset) for o in outs]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
