@@ -211,10 +211,10 @@ class SeverityCurriculum(pl.Callback):
             self.base = datamodule.train_corrupt
             if self.base is None:
                 raise ValueError("SeverityCurriculum: the training data have no negatives sampler")
-        datamodule.set_train_corrupt(self.base.with_ranges(self.ranges_at(level)))
+        ranges = self.ranges_at(level)
+        datamodule.set_train_corrupt(self.base.with_ranges(ranges))
         self.applied = level
         self.history.append((epoch, level))
-        ranges = self.ranges_at(level)
         log.info("severity curriculum: epoch %d, level %.3f: %s", epoch, level, ranges)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
