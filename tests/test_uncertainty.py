@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -412,3 +414,45 @@ def test_context_from_a_kind_classifier_gives_log_odds_against_clean() -> None:
         torch.testing.assert_close(ctx.logits(x), full[:, [3, 1]] - full[:, :1])
     with pytest.raises(ValueError, match="cover"):
         ctx.init_from_classifier(clf, classes, ["blur", "motion"])
+
+
+def test_attribution_splits_one_total_artifact_variance_by_the_kind_softmax() -> None:
+    torch.manual_seed(0)
+    task = _task_net().eval()
+    teachers = {k: _teacher_net() for k in KINDS}
+    net = {**TINY, "context": True, "attribution": True}
+    m = UncertaintySeg("student", KINDS, net=net, task_net=task, teacher_nets=teachers).eval()
+    assert m.net.head_sources == 2  # task row + one total artifact row
+    x = torch.rand(2, 1, 8, 8, 8)
+    with torch.no_grad():
+        fresh = m(x)[1]
+        # after init_from: task channel as the task network's, the total at exp(-2) split evenly
+        torch.testing.assert_close(fresh[:, :1], task(x)[1])
+        torch.testing.assert_close(
+            fresh[:, 1:].exp().sum(1), torch.full((2, 8, 8, 8), math.exp(-2.0))
+        )
+        even = torch.full_like(fresh[:, 1:], -2.0 - math.log(5.0))
+        torch.testing.assert_close(fresh[:, 1:], even)
+        m.net.context.out.weight.normal_()
+        m.net.context.out.bias.copy_(torch.arange(5.0))
+        logits = m.net.context.logits(x)
+        shifted = m(x)[1]
+    share = shifted[:, 1:].exp() / shifted[:, 1:].exp().sum(1, keepdim=True)
+    # the shares are the softmax of the patch's kind logits at every voxel; the total is unchanged
+    torch.testing.assert_close(share, logits.softmax(1)[:, :, None, None, None].expand_as(share))
+    torch.testing.assert_close(shifted[:, 1:].exp().sum(1), fresh[:, 1:].exp().sum(1))
+    torch.testing.assert_close(shifted[:, :1], fresh[:, :1])
+    # trained through the loss (kind logits and the total row); frozen stages get no gradient
+    m.train()
+    m.compute_loss(_batch())["loss"].backward()
+    assert m.net.context.out.weight.grad.abs().sum() > 0
+    assert m.net.heads()[0].weight.grad[3].abs().sum() > 0  # rows: 2 classes, task, total
+    assert all(p.grad is None for p in m.frozen.parameters())
+    # a teacher's single channel is its total; a student needs the kind logits
+    t = TwoHeadUNet(num_sources=2, attribution=True, **TINY)
+    assert t.head_sources == 2 and t(x)[1].shape == (2, 2, 8, 8, 8)
+    with pytest.raises(ValueError, match="context"):
+        TwoHeadUNet(num_sources=6, attribution=True, **TINY)
+    # a plain student's heads cannot be squeezed into the attribution layout
+    with pytest.raises(ValueError, match="cannot initialise"):
+        m.net.init_from(TwoHeadUNet(num_sources=6, **TINY))

@@ -128,6 +128,73 @@ def test_fast_dev_run_teacher_with_context_and_kind_loss(
     assert any("kind_aux" in k for k in results), sorted(results)
 
 
+def test_student_with_attribution_trains_and_evaluates(
+    small_embedded: Path, stage_ckpts: dict[str, Path], tmp_path: Path
+) -> None:
+    """The attribution head (one total artifact variance split by the kind logits) through
+    the student's fast_dev_run (classifier start, zero targets, exclusive kinds, kind loss)
+    and the evaluation of a checkpoint with it."""
+    from qcflow.models.unet import PatchContext
+    from qcflow.tasks import uncertainty_evaluate
+    from qcflow.tasks.uncertainty_train import build_module, run
+
+    clf = PatchContext(1, 3)
+    torch.nn.init.normal_(clf.out.weight)
+    saved = {"state_dict": clf.state_dict(), "classes": ["none", "noise", "blur"]}
+    torch.save({**saved, "widths": [16, 32, 32]}, tmp_path / "clf.pt")
+    over = [
+        "experiment=uncertainty_student",
+        "debug=fast",
+        *TINY,
+        "uncertainty.kinds=[noise,blur]",
+        f"uncertainty.task_ckpt={stage_ckpts['task']}",
+        f"+uncertainty.teacher_ckpts.noise={stage_ckpts['noise']}",
+        f"+uncertainty.teacher_ckpts.blur={stage_ckpts['blur']}",
+        "model.context=true",
+        "model.attribution=true",
+        f"uncertainty.context_init={tmp_path / 'clf.pt'}",
+        "uncertainty.student_targets=own_kind",
+        "uncertainty.absent_kind_var=zero",
+        "uncertainty.exclusive_kinds=true",
+        "uncertainty.kind_aux_weight=1.0",
+    ]
+    cfg = compose_cfg(over, tmp_path)
+    module = build_module(cfg)
+    assert module.net.attribution and module.net.head_sources == 2
+    x = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():  # the channels' shares are the classifier's noise/blur softmax
+        share = module(x)[1][:, 1:].exp()
+        full = clf.logits(x)[:, 1:]
+    torch.testing.assert_close(
+        (share / share.sum(1, keepdim=True))[:, :, 0, 0, 0], full.softmax(1), atol=1e-5, rtol=1e-4
+    )
+    results = run(cfg)
+    assert results["global_step"] == 1 and any("kind_aux" in k for k in results)
+    # a saved attribution student evaluates like any other
+    m = UncertaintySeg(
+        "student",
+        ["noise", "blur"],
+        net={"filters": [4, 8, 16], "context": True, "attribution": True},
+    )
+    ckpt = {
+        "state_dict": m.state_dict(),
+        "hyper_parameters": dict(m.hparams),
+        "pytorch-lightning_version": pl.__version__,
+    }
+    torch.save(ckpt, tmp_path / "attr.ckpt")
+    ev = [
+        "experiment=uncertainty_evaluate",
+        "debug=fast",
+        *TINY,
+        f"evaluate.student_ckpt={tmp_path / 'attr.ckpt'}",
+        "evaluate.max_scans=1",
+        "evaluate.kinds=[noise]",
+        "evaluate.figures=false",
+    ]
+    res = uncertainty_evaluate.run(compose_cfg(ev, tmp_path / "ev"))
+    assert res["n_images"] == 2 and res["decoupling"]["columns"] == ["task", "noise", "blur"]
+
+
 def test_chain_task_teachers_student_evaluate(small_embedded: Path, tmp_path: Path) -> None:
     runs = Path(os.environ["QCFLOW_HOME"]) / "runs"
     short = [

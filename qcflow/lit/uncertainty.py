@@ -270,7 +270,7 @@ class UncertaintySeg(pl.LightningModule):
         if self.role == "task" or (self.task_var_lr_mult == 1.0 and self.artifact_lr_mult == 1.0):
             return {}
         n_cls = self.net.num_classes
-        mult = torch.ones(n_cls + len(self.sources))
+        mult = torch.ones(n_cls + self.net.head_sources)
         mult[n_cls] = self.task_var_lr_mult
         mult[n_cls + 1 :] = self.artifact_lr_mult
         return {p: mult for head in self.net.heads() for p in head.parameters()}

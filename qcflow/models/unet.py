@@ -16,6 +16,15 @@ spike / noise / blur / wrap / motion apart for 23 % of head voxels, chance 17 %)
 branch gives each artifact channel a patch-level view of the kind. Its output layer starts at
 zero, so a fresh network equals the plain one; the task channel gets no offset.
 
+Optional attribution (``attribution=True``, needs ``context``; off by default, not in the
+papers): the head predicts one *total* artifact log-variance ``s_a`` per voxel and the context
+branch's per-patch logits ``c`` split it between the kinds:
+``sigma_i^2 = exp(s_a) * softmax(c)_i``, i.e. ``s_i = s_a + log_softmax(c)_i``. The sum over the
+artifact channels is exactly ``exp(s_a)`` (what the heteroscedastic CE sees), and which channel
+is the largest depends only on the patch-level kind logits, so all artifact channels share one
+scale (per-kind heads learn scales that differ ~100x between kinds at CPU size, see
+experiments/shaw2021_uncertainty/README.md).
+
 Deep supervision (PITFALLS.md): with ``deep_supervision=True`` ``DynUNet`` returns a stacked
 ``(B, 1 + deep_supr_num, C, D, H, W)`` tensor in training mode and a single ``(B, C, D, H, W)``
 tensor in eval mode; :meth:`TwoHeadUNet.forward_all` always returns a list of outputs (full
@@ -126,6 +135,9 @@ class TwoHeadUNet(nn.Module):
         context: add a :class:`PatchContext` branch giving each artifact log-variance channel a
             per-patch offset (no effect with a single source, i.e. the task network).
         context_max_offset: bound of the context offsets (log-variance units).
+        attribution: one total artifact log-variance row in the head, split between the
+            artifact channels by the softmax of the context logits (needs ``context`` when
+            there are two or more artifact channels).
 
     Shapes:
         ``x`` ``(B, in_channels, D, H, W)`` -> ``logits`` ``(B, num_classes, D, H, W)`` and
@@ -145,6 +157,7 @@ class TwoHeadUNet(nn.Module):
         res_block: bool = False,
         context: bool = False,
         context_max_offset: float = 3.0,
+        attribution: bool = False,
     ) -> None:
         super().__init__()
         if num_sources < 1 or num_classes < 2:
@@ -158,10 +171,15 @@ class TwoHeadUNet(nn.Module):
         self.num_sources = int(num_sources)
         self.num_classes = int(num_classes)
         self.divisor = 2 ** (levels - 1)
+        self.attribution = bool(attribution) and self.num_sources > 1
+        if self.attribution and self.num_sources > 2 and not context:
+            raise ValueError("attribution=True needs context=True (the kind logits)")
+        #: log-variance rows of the output head(s): task (+ one total artifact row)
+        self.head_sources = 2 if self.attribution else self.num_sources
         self.net = DynUNet(
             spatial_dims=3,
             in_channels=in_channels,
-            out_channels=num_classes + num_sources,
+            out_channels=num_classes + self.head_sources,
             kernel_size=[kernel_size] * levels,
             strides=strides,
             upsample_kernel_size=strides[1:],
@@ -178,8 +196,12 @@ class TwoHeadUNet(nn.Module):
         )
 
     def _split(self, out: Tensor, offset: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        logits, log_var = out.split([self.num_classes, self.num_sources], dim=1)
-        if offset is not None:  # (B, num_sources - 1): artifact channels only
+        logits, log_var = out.split([self.num_classes, self.head_sources], dim=1)
+        if self.attribution:  # offset: log_softmax of the kind logits (B, num_sources - 1)
+            share = offset if offset is not None else log_var.new_zeros(log_var.shape[0], 1)
+            art = log_var[:, 1:2] + share[:, :, None, None, None]
+            log_var = torch.cat([log_var[:, :1], art], dim=1)
+        elif offset is not None:  # (B, num_sources - 1): artifact channels only
             shift = torch.cat([offset.new_zeros(offset.shape[0], 1), offset], dim=1)
             log_var = log_var + shift[:, :, None, None, None]
         return logits, log_var.clamp(*LOG_VAR_RANGE)
@@ -197,7 +219,7 @@ class TwoHeadUNet(nn.Module):
         offset = None
         if self.context is not None:
             raw = self.context.logits(x) if context_logits is None else context_logits
-            offset = self.context.bound(raw)
+            offset = raw.log_softmax(dim=1) if self.attribution else self.context.bound(raw)
         return [self._split(o, offset) for o in outs]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -222,12 +244,16 @@ class TwoHeadUNet(nn.Module):
         ``source.num_sources`` log-variances too. A :class:`PatchContext` branch is not copied:
         it keeps its fresh (zero-output) initialisation.
         """
-        if source.num_classes != self.num_classes or source.num_sources > self.num_sources:
+        if (
+            source.num_classes != self.num_classes
+            or source.num_sources > self.num_sources
+            or source.head_sources > self.head_sources
+        ):
             raise ValueError(
                 f"cannot initialise {self.num_classes} classes / {self.num_sources} sources "
                 f"from {source.num_classes} / {source.num_sources}"
             )
-        n_src = source.num_classes + source.num_sources
+        n_src = source.num_classes + source.head_sources
         head_params = {id(p) for h in self.heads() for p in h.parameters()}
         own, theirs = self.state_dict(), source.state_dict()
 
