@@ -32,7 +32,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "iqc_evaluate": ("flow_density",),
     "score": ("flow_density", "uncertainty_student"),
     "uncertainty_teacher": ("uncertainty_task",),
-    "uncertainty_student": ("uncertainty_task", "uncertainty_teacher"),
+    "uncertainty_student": ("uncertainty_task", "uncertainty_teacher", "kind_classifier"),
     "uncertainty_evaluate": ("uncertainty_student",),
     "uncertainty_teacher_paper": ("uncertainty_task_paper",),
     "uncertainty_student_paper": ("uncertainty_task_paper", "uncertainty_teacher_paper"),
@@ -50,6 +50,19 @@ BY_TASK: dict[str, list[str]] = {
     # one artifact kind: the student needs one teacher (the paper student has all five)
     "uncertainty_train": [*TINY_UNET, "artifact=noise", "uncertainty.kinds=[noise]"],
     "uncertainty_evaluate": [*TINY_UNET, "evaluate.max_scans=1"],
+    "kind_classifier": [
+        *TINY_UNET,
+        *[
+            f"classifier.{k}={v}"
+            for k, v in {
+                "steps": 2,
+                "batch": 2,
+                "volumes": 3,
+                "holdout": 1,
+                "eval_volumes": 1,
+            }.items()
+        ],
+    ],  # fmt: skip
 }
 #: *_paper: the paper U-Net keeps its deep supervision, which needs 4 levels at least
 PAPER = ["model.filters=[4,8,16,32]"]

@@ -47,6 +47,13 @@ def stage_ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for kind in ("noise", "blur"):
         out[kind] = _save_stage(root / f"{kind}.ckpt", "teacher", [kind])
     out["student"] = _save_stage(root / "student.ckpt", "student", ["noise", "blur"])
+    from qcflow.models.unet import PatchContext
+
+    clf = PatchContext(1, 6)
+    classes = ["none", "spike", "noise", "blur", "wrap", "motion"]
+    out["classifier"] = root / "classifier.pt"
+    torch.save({"state_dict": clf.state_dict(), "classes": classes, "widths": [16, 32, 32]},
+               out["classifier"])  # fmt: skip
     return out
 
 
@@ -65,6 +72,7 @@ def test_fast_dev_run(
             f"uncertainty.task_ckpt={stage_ckpts['task']}",
             f"+uncertainty.teacher_ckpts.noise={stage_ckpts['noise']}",
             f"+uncertainty.teacher_ckpts.blur={stage_ckpts['blur']}",
+            f"uncertainty.context_init={stage_ckpts['classifier']}",
         ],
         "uncertainty_evaluate": [
             f"evaluate.student_ckpt={stage_ckpts['student']}",
@@ -213,6 +221,18 @@ def test_chain_task_teachers_student_evaluate(small_embedded: Path, tmp_path: Pa
     cli("-m", "experiment=uncertainty_teacher", "artifact=noise,blur")
     for kind in ("noise", "blur"):  # the latest teacher per kind, found via metrics.json
         assert latest_teacher_run(runs, "uncertainty_teacher", kind).is_dir()
+    # the student's context starts from the latest kind classifier (uncertainty.context_init)
+    cli(
+        "experiment=kind_classifier",
+        "classifier.kinds=[noise,blur]",
+        "classifier.patch=16",
+        "classifier.steps=2",
+        "classifier.batch=2",
+        "classifier.volumes=3",
+        "classifier.holdout=1",
+        "classifier.eval_volumes=0",
+        f"hydra.run.dir={runs}/kind_classifier/chain",
+    )
     cli(
         "experiment=uncertainty_student",
         "uncertainty.kinds=[noise,blur]",
@@ -231,6 +251,7 @@ def test_chain_task_teachers_student_evaluate(small_embedded: Path, tmp_path: Pa
     assert (runs / "uncertainty_evaluate" / "chain" / "figures" / "dice_vs_measures.png").is_file()
     student = json.loads((runs / "uncertainty_student" / "chain" / "metrics.json").read_text())
     assert student["role"] == "student" and student["global_step"] == 2
+    assert student["context_init"] == str(runs / "kind_classifier" / "chain" / "classifier.pt")
 
 
 def test_teacher_sampler_with_negatives(tmp_path: Path) -> None:

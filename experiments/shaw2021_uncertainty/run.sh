@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Shaw et al. 2021 study on the embedded data: task -> 5 teachers -> student -> evaluate.
+# Shaw et al. 2021 study on the embedded data: task -> 5 teachers -> kind classifier -> student
+# -> evaluate.
 # Usage: experiments/shaw2021_uncertainty/run.sh [extra hydra overrides for every stage]
 # Size knobs (environment): TASK_EPOCHS, EPOCHS (teachers), STUDENT_EPOCHS, STEPS (batches per
 # epoch), MAX_SCANS (held-out clean scans evaluated, each clean + one copy per kind).
@@ -24,6 +25,8 @@ $PY -m qcflow experiment=uncertainty_evaluate experiment_name=uncertainty_evalua
   evaluate.figures=false evaluate.save_maps=0 "$@"
 $PY -m qcflow -m experiment=uncertainty_teacher artifact=spike,noise,blur,wrap,motion \
   trainer.max_epochs="$EPOCHS" "${COMMON[@]}"
+# the patch-level kind classifier that starts the student's context branch (context_init: latest)
+$PY -m qcflow experiment=kind_classifier "$@"
 $PY -m qcflow experiment=uncertainty_student trainer.max_epochs="$STUDENT_EPOCHS" "${COMMON[@]}"
 $PY -m qcflow experiment=uncertainty_evaluate evaluate.max_scans="$MAX_SCANS" "$@"
 
@@ -34,6 +37,8 @@ mkdir -p "$HERE/results/figures"
 cp "$LATEST/metrics.json" "$HERE/results/metrics.json"
 TASK_EVAL="$(ls -td "$RUNS"/uncertainty_evaluate_task/*/ | head -1)"
 cp "$TASK_EVAL/metrics.json" "$HERE/results/task_metrics.json"
+CLF="$(ls -td "$RUNS"/kind_classifier/*/ | head -1)"
+cp "$CLF/metrics.json" "$HERE/results/kind_classifier_metrics.json"
 cp "$LATEST/scans.tsv" "$HERE/results/scans.tsv"
 cp "$LATEST"/figures/*.png "$HERE/results/figures/"
 echo "results copied from $LATEST"

@@ -87,7 +87,7 @@ class PatchContext(nn.Module):
     def init_from_classifier(
         self, classifier: PatchContext, classes: Sequence[str], kinds: Sequence[str]
     ) -> None:
-        """Start from a kind classifier trained with a clean class (``kind_classifier.py``).
+        """Start from a kind classifier trained with a clean class (``experiment=kind_classifier``).
 
         ``classifier`` has one output per entry of ``classes`` (which includes ``"none"``);
         the features are copied and output ``i`` becomes the log-odds of ``kinds[i]`` against

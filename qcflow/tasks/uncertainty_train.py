@@ -110,12 +110,16 @@ def build_module(cfg: DictConfig) -> UncertaintySeg:
         kind_aux_weight=float(ucfg.get("kind_aux_weight", 0.0)),
     )
     if ucfg.get("context_init"):
-        _init_context(module, Path(str(ucfg.context_init)))
+        from qcflow.tasks.kind_classifier import classifier_path
+
+        path = classifier_path(cfg, str(ucfg.context_init))
+        _init_context(module, path)
+        module.context_source = str(path)
     return module
 
 
 def _init_context(module: UncertaintySeg, path: Path) -> None:
-    """Start the context branch from a kind classifier (``kind_classifier.py --save``)."""
+    """Start the context branch from a kind classifier (``experiment=kind_classifier``)."""
     from qcflow.models.unet import PatchContext
 
     if module.net.context is None:
@@ -158,6 +162,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "global_step": int(trainer.global_step),
         "fit_seconds": round(time.perf_counter() - t0, 2),
         "checkpoint": str(cfg.paths.output_dir) + "/checkpoints/last.ckpt",
+        "context_init": getattr(module, "context_source", None),
     }
     out.update(trainer_metrics(trainer))
     return out

@@ -1,0 +1,209 @@
+"""Train the patch-level artifact-kind classifier that starts a method-B student's context branch.
+
+Self-supervised (no human labels): the simulation knows which kind it applied. A
+:class:`~qcflow.models.unet.PatchContext` (the same small CNN as ``model.context``) learns the
+classes ``none`` + ``classifier.kinds`` on random patches of the training volumes, each volume
+corrupted once per kind by the ``augment.<kind>`` ranges (one kind per patch) and corrupted afresh
+every ``classifier.redraw`` steps (new severities). The last ``classifier.holdout`` volumes are
+held out for the patch accuracy. With ``classifier.eval_volumes > 0`` it also classifies whole
+volumes of the evaluation split (``evaluate.split``; the evaluation's seeded samplers, clean + one
+copy per kind): the softmax over the kinds (the split ``model.attribution`` uses, clean left
+out) averaged over patch windows.
+
+Outputs in the run folder: ``classifier.pt`` (``{"state_dict", "classes", "widths"}``, written
+atomically; a student finds the latest one with ``uncertainty.context_init: latest``) and
+``metrics.json`` (held-out patch accuracy, the volume-level confusion).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from qcflow.errors import ConfigError
+from qcflow.models.unet import PatchContext
+from qcflow.tasks.common import seed_all
+from qcflow.utils.io import atomic_path
+from qcflow.utils.runs import find_latest_run
+
+__all__ = ["run", "volume_confusion", "classifier_path", "CLASSIFIER_FILE"]
+
+log = logging.getLogger(__name__)
+
+#: the classifier's file in its run folder
+CLASSIFIER_FILE = "classifier.pt"
+
+
+def classifier_path(cfg: DictConfig, value: str) -> Path:
+    """``uncertainty.context_init``: a file, a run folder, or ``latest`` (the newest run of
+    ``uncertainty.classifier_experiment``)."""
+    if value == "latest":
+        name = str(cfg.uncertainty.get("classifier_experiment", "kind_classifier"))
+        return find_latest_run(cfg.paths.runs_dir, name, require=CLASSIFIER_FILE) / CLASSIFIER_FILE
+    path = Path(value).expanduser()
+    return path / CLASSIFIER_FILE if path.is_dir() else path
+
+
+def _patch_starts(shape: tuple[int, ...], patch: int, name: str) -> list[tuple[int, int]]:
+    """Per axis, the range of patch starts (a margin of up to 16 voxels from the edges)."""
+    out = []
+    for s in shape:
+        if s < patch:
+            raise ConfigError(
+                f"{name}: volume {tuple(shape)} smaller than classifier.patch={patch}"
+            )
+        margin = min(16, (s - patch) // 4)
+        out.append((margin, s - patch - margin + 1))
+    return out
+
+
+def volume_confusion(
+    net: PatchContext,
+    volumes: Any,
+    samplers: dict[str, Any],
+    kinds: list[str],
+    n_volumes: int,
+    patch: int,
+    stride: int,
+) -> dict[str, Any]:
+    """Whole-volume kind decisions: rows ``none`` + kinds (true), columns kinds (decided).
+
+    Each volume (clean, and one copy per kind from ``samplers``) is cut into ``patch``-sized
+    windows at ``stride``; the softmax over the kind logits (class ``none`` left out, as in
+    ``model.attribution``) is averaged over the windows and its argmax is the decision.
+    """
+    net.eval()
+    rows = ["none", *kinds]
+    counts = np.zeros((len(rows), len(kinds)), dtype=int)
+    share = np.zeros((len(rows), len(kinds)))
+    n = min(n_volumes, len(volumes))
+    for v in range(n):
+        clean = volumes[v]["image"].float()
+        for r, kind in enumerate(rows):
+            img = clean if kind == "none" else samplers[kind](clean)[0].float()
+            ranges = _patch_starts(tuple(img.shape[1:]), patch, f"evaluation volume {v}")
+            starts = [range(lo, hi, stride) for lo, hi in ranges]
+            xs = [img[:, a : a + patch, b : b + patch, c : c + patch]
+                  for a in starts[0] for b in starts[1] for c in starts[2]]  # fmt: skip
+            with torch.no_grad():
+                p = net.logits(torch.stack(xs))[:, 1:].softmax(1).mean(0).numpy()
+            counts[r, p.argmax()] += 1
+            share[r] += p / max(n, 1)
+    own = sum(int(counts[r + 1].argmax() == r) for r in range(len(kinds)))
+    return {
+        "volume_counts": {
+            row: dict(zip(kinds, map(int, counts[r]), strict=True)) for r, row in enumerate(rows)
+        },  # fmt: skip
+        "volume_share": {
+            row: dict(zip(kinds, map(float, share[r]), strict=True)) for r, row in enumerate(rows)
+        },  # fmt: skip
+        "volume_own_kind": own,
+        "volume_n": n,
+    }
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    from qcflow.tasks.uncertainty_evaluate import _sampler, evaluation_volumes, kind_samplers
+
+    seed = seed_all(cfg)
+    c = cfg.classifier
+    kinds = [str(k) for k in c.kinds]
+    patch, batch, steps = int(c.patch), int(c.batch), int(c.steps)
+    redraw, holdout = int(c.redraw), int(c.holdout)
+    if steps < 1 or batch < 1 or redraw < 0 or holdout < 1:
+        raise ConfigError(
+            f"classifier: need steps >= 1, batch >= 1, redraw >= 0, holdout >= 1; got "
+            f"{steps}, {batch}, {redraw}, {holdout}"
+        )
+    rng = np.random.default_rng(seed)
+    volumes = evaluation_volumes(cfg, split=str(cfg.data.split))
+    n = min(int(c.volumes), len(volumes))
+    if n <= holdout:
+        raise ConfigError(
+            f"classifier: {n} training volumes available, need more than holdout={holdout}"
+        )
+    samplers = {k: _sampler(cfg, k, seed + 7 + i) for i, k in enumerate(kinds)}
+    bank: list[list[torch.Tensor]] = []
+
+    def corrupt() -> None:
+        bank.clear()
+        for v in range(n):
+            clean = volumes[v]["image"].float()
+            bank.append([clean] + [samplers[k](clean)[0].float() for k in kinds])
+
+    def draw(ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for _ in range(batch):
+            k = int(rng.integers(len(kinds) + 1))
+            img = bank[ids[int(rng.integers(len(ids)))]][k]
+            lo = [int(rng.integers(a, b)) for a, b in _patch_starts(img.shape[1:], patch, "volume")]
+            xs.append(img[:, lo[0] : lo[0] + patch, lo[1] : lo[1] + patch, lo[2] : lo[2] + patch])
+            ys.append(k)
+        return torch.stack(xs), torch.tensor(ys)
+
+    t0 = time.perf_counter()
+    corrupt()
+    widths = [int(w) for w in c.widths]
+    net = PatchContext(1, len(kinds) + 1, widths=widths, max_offset=1e6)  # unbounded logits
+    opt = torch.optim.Adam(net.parameters(), lr=float(c.lr))
+    train, test = list(range(n - holdout)), list(range(n - holdout, n))
+    accuracy = float("nan")
+    for step in range(1, steps + 1):
+        if redraw and step % redraw == 0:
+            corrupt()
+        net.train()
+        x, y = draw(train)
+        loss = F.cross_entropy(net.logits(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % int(c.log_every) == 0 or step == steps:
+            net.eval()
+            with torch.no_grad():
+                accuracy = float(
+                    np.mean(
+                        [
+                            float((net.logits(x).argmax(1) == y).float().mean())
+                            for x, y in (draw(test) for _ in range(20))
+                        ]
+                    )  # fmt: skip
+                )
+            log.info("step %d loss %.3f held-out patch accuracy %.3f", step, loss.item(), accuracy)
+    out_dir = Path(str(cfg.paths.output_dir))
+    classes = ["none", *kinds]
+    with atomic_path(out_dir / CLASSIFIER_FILE) as tmp:
+        torch.save({"state_dict": net.state_dict(), "classes": classes, "widths": widths}, tmp)
+    results: dict[str, Any] = {
+        "classes": classes,
+        "steps": steps,
+        "heldout_patch_accuracy": accuracy,
+        "final_loss": float(loss.item()),
+        "classifier": str(out_dir / CLASSIFIER_FILE),
+        "fit_seconds": round(time.perf_counter() - t0, 2),
+    }
+    if int(c.eval_volumes) > 0:
+        bank.clear()
+        conf = volume_confusion(
+            net,
+            evaluation_volumes(cfg),
+            kind_samplers(cfg, kinds),
+            kinds,
+            int(c.eval_volumes),
+            patch,
+            int(c.eval_stride),
+        )
+        results.update(conf)
+        log.info(
+            "whole evaluation volumes: own kind decided for %d/%d kinds (%d volumes)",
+            conf["volume_own_kind"],
+            len(kinds),
+            conf["volume_n"],
+        )
+    return results
