@@ -118,6 +118,34 @@ def test_items_positive_same_volume_other_orientation(volumes) -> None:
     assert torch.equal(ds[4]["corrupted"], ds[4]["corrupted"])
 
 
+def test_positive_nuisance_changes_only_the_positive_and_is_off_by_default(
+    volumes, tmp_path: Path
+) -> None:
+    from qcflow.tasks.encoder_contrastive import _positive_nuisance
+
+    sampler = RandomArtifacts(rate=1.0, noise={"p": 1.0}, seed=0)
+    nuisance = RandomArtifacts(rate=1.0, noise={"p": 1.0, "snr_db": [30.0, 30.0]})
+    kw = {"size": 32, "n_central": 6, "queries_per_volume": 2, "corrupt": sampler,
+          "n_corrupt": 1, "deterministic": True}  # fmt: skip
+    plain = ContrastiveSliceDataset(volumes, **kw)
+    noisy = ContrastiveSliceDataset(volumes, positive_nuisance=nuisance, **kw)
+    for idx in range(len(plain)):
+        a, b = plain[idx], noisy[idx]
+        assert (a["query_slice"], a["positive_slice"]) == (b["query_slice"], b["positive_slice"])
+        torch.testing.assert_close(a["query"], b["query"])
+        diff = (b["positive"] - a["positive"]).abs()
+        # 30 dB: noise std ~3 % of the signal -- a nuisance, not an artifact
+        assert 0.0 < float(diff.mean()) < 0.08
+    cfg = compose_cfg(["experiment=encoder_contrastive"], tmp_path)
+    assert cfg.contrastive.positive_nuisance is None and _positive_nuisance(None) is None
+    built = _positive_nuisance({"noise": {"p": 0.5, "snr_db": [28.0, 40.0]}})
+    assert built.rate == 1.0
+    from qcflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="positive_nuisance"):
+        _positive_nuisance({"sparkle": {"p": 1.0}})
+
+
 def test_corrupt_slice_keeps_motion_in_plane() -> None:
     img = torch.zeros(1, 24, 24)
     img[:, 6:18, 8:16] = 0.8

@@ -240,6 +240,9 @@ class ContrastiveSliceDataset(Dataset):
         bank_size: 3-D-corrupted copies kept per volume (``negatives_3d``).
         bank_reuse: uses of a copy before it is redrawn (training; validation never redraws).
         percentiles: re-scaling of 3-D-corrupted volumes (``data.percentiles``).
+        positive_nuisance: sampler applied to the positive slice (2-D, like the 2-D negatives):
+            nuisance that clean scans carry too (a little noise, a weak bias field), so the
+            code learns to ignore it (``None``: the paper's plain positive).
 
     Items: ``{"query": (1, S, S), "positive": (1, S, S), "corrupted": (K, 1, S, S),
     "index": int, "query_slice": int, "positive_orientation": int (into ORIENTATIONS order
@@ -262,6 +265,7 @@ class ContrastiveSliceDataset(Dataset):
         bank_size: int = 4,
         bank_reuse: int = 16,
         percentiles: Sequence[float] | None = (0.5, 99.5),
+        positive_nuisance: RandomArtifacts | None = None,
     ) -> None:
         bad = set(positive_orientations) - {"coronal", "sagittal"}
         if bad or not positive_orientations:
@@ -282,6 +286,7 @@ class ContrastiveSliceDataset(Dataset):
         self.seed = int(seed)
         self.spacing = float(spacing)
         self.negatives_3d = bool(negatives_3d)
+        self.positive_nuisance = positive_nuisance
         if self.negatives_3d and self.n_corrupt > bank_size:
             raise ValueError(f"n_corrupt={self.n_corrupt} exceeds bank_size={bank_size}")
         self.bank = (
@@ -332,7 +337,12 @@ class ContrastiveSliceDataset(Dataset):
         ]
         p_slice = pick(p_name)
         query = fit_square(extract_slice(vol, "axial", q_slice), self.size)
-        positive = fit_square(extract_slice(vol, p_name, p_slice), self.size)
+        positive = extract_slice(vol, p_name, p_slice)
+        if self.positive_nuisance is not None:
+            positive, _ = corrupt_slice(
+                self.positive_nuisance, positive, g, (self.spacing, self.spacing)
+            )
+        positive = fit_square(positive, self.size)
         corrupted, kinds = [], []
         if self.bank is not None:  # K distinct 3-D-corrupted copies, sliced at the query
             axial = central_indices(shape[ORIENTATIONS["axial"]], self.n_central)
@@ -374,6 +384,8 @@ class ContrastiveDataModule(ScanDataModule):
         negatives_3d: corrupt whole volumes, then slice (:class:`NegativeBank`).
         bank_size: 3-D-corrupted copies kept per volume.
         bank_reuse: uses of a training copy before it is redrawn.
+        positive_nuisance: sampler of nuisance applied to the positive slices (training and
+            validation; ``None``: the paper).
     """
 
     def __init__(
@@ -387,6 +399,7 @@ class ContrastiveDataModule(ScanDataModule):
         negatives_3d: bool = False,
         bank_size: int = 4,
         bank_reuse: int = 16,
+        positive_nuisance: RandomArtifacts | None = None,
     ) -> None:
         super().__init__(data_cfg, with_label=False, scans=scans)
         if corrupt is not None and corrupt.rate < 1.0:
@@ -399,6 +412,7 @@ class ContrastiveDataModule(ScanDataModule):
         self.negatives_3d = bool(negatives_3d)
         self.bank_size = int(bank_size)
         self.bank_reuse = int(bank_reuse)
+        self.positive_nuisance = positive_nuisance
         self._datasets: dict[bool, ContrastiveSliceDataset] = {}
 
     def _dataset(self, scans: Sequence[Any], train: bool) -> ContrastiveSliceDataset:
@@ -419,6 +433,7 @@ class ContrastiveDataModule(ScanDataModule):
             bank_size=self.bank_size,
             bank_reuse=self.bank_reuse,
             percentiles=None if percentiles is None else [float(v) for v in percentiles],
+            positive_nuisance=self.positive_nuisance,
         )
 
     def _cached_dataset(self, train: bool) -> ContrastiveSliceDataset:

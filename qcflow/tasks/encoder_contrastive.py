@@ -52,6 +52,22 @@ def curriculum_callbacks(ccfg: Any) -> list[Any]:
     return [SeverityCurriculum(**kwargs)]
 
 
+def _positive_nuisance(spec: Any) -> Any:
+    """``contrastive.positive_nuisance``: ``None`` or ``RandomArtifacts`` keyword arguments."""
+    if not spec:
+        return None
+    from omegaconf import OmegaConf
+
+    from qcflow.errors import ConfigError
+    from qcflow.kspace import RandomArtifacts
+
+    kwargs = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else spec
+    try:
+        return RandomArtifacts(**{"rate": 1.0, **dict(kwargs)})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"contrastive.positive_nuisance: {err}") from err
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train the encoder; returns final losses, sizes, timing and skipped scans."""
     t0 = time.perf_counter()
@@ -69,6 +85,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         negatives_3d=bool(ccfg.get("negatives_3d", False)),
         bank_size=int(ccfg.get("bank_size", 4)),
         bank_reuse=int(ccfg.get("bank_reuse", 16)),
+        positive_nuisance=_positive_nuisance(ccfg.get("positive_nuisance")),
     )
     dm.prepare()
     t_data = time.perf_counter() - t0
