@@ -456,3 +456,31 @@ def test_attribution_splits_one_total_artifact_variance_by_the_kind_softmax() ->
     # a plain student's heads cannot be squeezed into the attribution layout
     with pytest.raises(ValueError, match="cannot initialise"):
         m.net.init_from(TwoHeadUNet(num_sources=6, **TINY))
+
+
+def test_context_lr_mult_freezes_or_slows_the_context_branch() -> None:
+    torch.manual_seed(0)
+    teachers = {k: _teacher_net() for k in KINDS}
+    net = {**TINY, "context": True, "attribution": True}
+
+    def step(mult: float) -> tuple[UncertaintySeg, dict[str, torch.Tensor]]:
+        m = UncertaintySeg(
+            "student", KINDS, net=net, task_net=_task_net(), teacher_nets=teachers,
+            context_lr_mult=mult,
+        )  # fmt: skip
+        before = {n: p.detach().clone() for n, p in m.net.named_parameters()}
+        opt = m.configure_optimizers()
+        m.compute_loss(_batch())["loss"].backward()
+        opt.step()
+        return m, before
+
+    frozen, before = step(0.0)
+    moved = {n for n, p in frozen.net.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and not any(n.startswith("context.") for n in moved)  # the rest trains
+    assert all(not p.requires_grad for p in frozen.net.context.parameters())
+    slow, _ = step(0.5)
+    groups = slow.configure_optimizers().param_groups
+    assert [g["lr"] for g in groups] == [slow.lr, slow.lr * 0.5]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in slow.net.context.parameters()}
+    with pytest.raises(ValueError, match="multipliers"):
+        UncertaintySeg("teacher", ["noise"], net=TINY, context_lr_mult=-1.0)

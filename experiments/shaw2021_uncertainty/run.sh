@@ -4,6 +4,7 @@
 # Usage: experiments/shaw2021_uncertainty/run.sh [extra hydra overrides for every stage]
 # Size knobs (environment): TASK_EPOCHS, EPOCHS (teachers), STUDENT_EPOCHS, STEPS (batches per
 # epoch), MAX_SCANS (held-out clean scans evaluated, each clean + one copy per kind).
+# Reuse earlier stages (latest runs): SKIP_TASK=1, SKIP_TEACHERS=1, SKIP_CLASSIFIER=1.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 cd "$HERE/../.."
@@ -23,10 +24,14 @@ fi
 $PY -m qcflow experiment=uncertainty_evaluate experiment_name=uncertainty_evaluate_task \
   evaluate.stage_experiment=uncertainty_task evaluate.max_scans="$MAX_SCANS" \
   evaluate.figures=false evaluate.save_maps=0 "$@"
-$PY -m qcflow -m experiment=uncertainty_teacher artifact=spike,noise,blur,wrap,motion \
-  trainer.max_epochs="$EPOCHS" "${COMMON[@]}"
+if [ -z "${SKIP_TEACHERS:-}" ]; then  # SKIP_TEACHERS=1 reuses the latest teacher per kind
+  $PY -m qcflow -m experiment=uncertainty_teacher artifact=spike,noise,blur,wrap,motion \
+    trainer.max_epochs="$EPOCHS" "${COMMON[@]}"
+fi
 # the patch-level kind classifier that starts the student's context branch (context_init: latest)
-$PY -m qcflow experiment=kind_classifier "$@"
+if [ -z "${SKIP_CLASSIFIER:-}" ]; then  # SKIP_CLASSIFIER=1 reuses the latest kind_classifier run
+  $PY -m qcflow experiment=kind_classifier "$@"
+fi
 $PY -m qcflow experiment=uncertainty_student trainer.max_epochs="$STUDENT_EPOCHS" "${COMMON[@]}"
 $PY -m qcflow experiment=uncertainty_evaluate evaluate.max_scans="$MAX_SCANS" "$@"
 

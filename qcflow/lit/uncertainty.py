@@ -161,6 +161,9 @@ class UncertaintySeg(pl.LightningModule):
             ``batch["artifact_kinds"]``, the simulation's own record; no human labels), so a
             channel's offset rises on patches that carry its kind and falls elsewhere. Needs
             ``net.context`` and the batch's ``artifact_kinds``.
+        context_lr_mult: learning-rate multiplier of the context branch (0 freezes it: a
+            student whose context starts from a kind classifier keeps that classifier's
+            decisions; fine-tuning it at batch 2 measurably degraded them).
 
     Shapes: ``forward(x (B, 1, D, H, W)) -> (logits (B, 2, D, H, W), log_var (B, K, D, H, W))``
     with K = 1 (task), 2 (teacher), 1 + len(kinds) (student).
@@ -186,6 +189,7 @@ class UncertaintySeg(pl.LightningModule):
         student_targets: str = "corrupted",
         absent_kind_var: str = "free",
         kind_aux_weight: float = 0.0,
+        context_lr_mult: float = 1.0,
     ) -> None:
         super().__init__()
         if hce_task_var not in HCE_TASK_VAR:
@@ -198,9 +202,10 @@ class UncertaintySeg(pl.LightningModule):
             raise ValueError(
                 f"absent_kind_var must be one of {ABSENT_KIND_VAR}, got {absent_kind_var!r}"
             )
-        if task_var_lr_mult < 0 or artifact_lr_mult < 0:
+        if min(task_var_lr_mult, artifact_lr_mult, context_lr_mult) < 0:
             raise ValueError(
-                f"lr multipliers must be >= 0, got {task_var_lr_mult}, {artifact_lr_mult}"
+                f"lr multipliers must be >= 0, got {task_var_lr_mult}, {artifact_lr_mult}, "
+                f"{context_lr_mult}"
             )
         kinds = [] if role == "task" else [str(k) for k in kinds]
         self.save_hyperparameters(ignore=["task_net", "teacher_nets"])
@@ -221,6 +226,7 @@ class UncertaintySeg(pl.LightningModule):
         self.student_targets = str(student_targets)
         self.absent_kind_var = str(absent_kind_var)
         self.kind_aux_weight = float(kind_aux_weight)
+        self.context_lr_mult = float(context_lr_mult)
         if self.kind_aux_weight < 0:
             raise ValueError(f"kind_aux_weight must be >= 0, got {kind_aux_weight}")
         if self.kind_aux_weight > 0 and self.net.context is None:
@@ -276,7 +282,18 @@ class UncertaintySeg(pl.LightningModule):
         return {p: mult for head in self.net.heads() for p in head.parameters()}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        opt = torch.optim.Adam(self.net.parameters(), lr=self.lr)
+        context = list(self.net.context.parameters()) if self.net.context is not None else []
+        if self.context_lr_mult == 1.0 or not context:
+            opt = torch.optim.Adam(self.net.parameters(), lr=self.lr)
+        else:
+            ids = {id(p) for p in context}
+            groups = [{"params": [p for p in self.net.parameters() if id(p) not in ids]}]
+            if self.context_lr_mult > 0:
+                groups.append({"params": context, "lr": self.lr * self.context_lr_mult})
+            else:  # frozen: no gradient, not in the optimizer
+                for p in context:
+                    p.requires_grad_(False)
+            opt = torch.optim.Adam(groups, lr=self.lr)
         scale_row_updates(opt, self.row_lr_multipliers())
         return opt
 

@@ -108,6 +108,7 @@ def build_module(cfg: DictConfig) -> UncertaintySeg:
         student_targets=str(ucfg.get("student_targets", "corrupted")),
         absent_kind_var=str(ucfg.get("absent_kind_var", "free")),
         kind_aux_weight=float(ucfg.get("kind_aux_weight", 0.0)),
+        context_lr_mult=float(ucfg.get("context_lr_mult", 1.0)),
     )
     if ucfg.get("context_init"):
         from qcflow.tasks.kind_classifier import classifier_path
