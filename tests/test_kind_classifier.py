@@ -94,3 +94,17 @@ def test_kind_classifier_cli(small_embedded: Path, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "run" / "classifier.pt").is_file()
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_patch_and_window_starts_cover_the_volume() -> None:
+    from qcflow.tasks.kind_classifier import _patch_starts, _window_starts
+
+    # margin 0: a patch may start anywhere (0..s-patch), as the student's uniform sampler
+    assert _patch_starts((96, 112), 32, "v") == [(0, 65), (0, 81)]
+    # a margin keeps patches off the faces, at most a quarter of the free space
+    assert _patch_starts((96, 40), 32, "v", margin=16) == [(16, 49), (2, 7)]
+    # sliding windows at the evaluation's stride reach the last voxel
+    assert _window_starts(0, 65, 24) == [0, 24, 48, 64]
+    assert _window_starts(0, 1, 24) == [0]
+    with pytest.raises(ConfigError, match="smaller than classifier.patch=32"):
+        _patch_starts((96, 20), 32, "sub-01")

@@ -51,17 +51,26 @@ def classifier_path(cfg: DictConfig, value: str) -> Path:
     return path / CLASSIFIER_FILE if path.is_dir() else path
 
 
-def _patch_starts(shape: tuple[int, ...], patch: int, name: str) -> list[tuple[int, int]]:
-    """Per axis, the range of patch starts (a margin of up to 16 voxels from the edges)."""
+def _patch_starts(
+    shape: tuple[int, ...], patch: int, name: str, margin: int = 0
+) -> list[tuple[int, int]]:
+    """Per axis, the half-open range of patch starts ``margin`` voxels (at most a quarter of
+    the free space) away from the volume's faces; 0: anywhere, as the student's uniform patch
+    sampler and the evaluation's sliding windows."""
     out = []
     for s in shape:
         if s < patch:
             raise ConfigError(
                 f"{name}: volume {tuple(shape)} smaller than classifier.patch={patch}"
             )
-        margin = min(16, (s - patch) // 4)
-        out.append((margin, s - patch - margin + 1))
+        m = min(int(margin), (s - patch) // 4)
+        out.append((m, s - patch - m + 1))
     return out
+
+
+def _window_starts(lo: int, hi: int, stride: int) -> list[int]:
+    """Starts ``lo, lo + stride, ...`` plus the last possible one (``hi - 1``): full coverage."""
+    return sorted({*range(lo, hi, stride), hi - 1})
 
 
 def volume_confusion(
@@ -72,11 +81,13 @@ def volume_confusion(
     n_volumes: int,
     patch: int,
     stride: int,
+    margin: int = 0,
 ) -> dict[str, Any]:
     """Whole-volume kind decisions: rows ``none`` + kinds (true), columns kinds (decided).
 
     Each volume (clean, and one copy per kind from ``samplers``) is cut into ``patch``-sized
-    windows at ``stride``; the softmax over the kind logits (class ``none`` left out, as in
+    windows at ``stride`` (``margin`` as in training; 0 covers the whole volume like the
+    evaluation's sliding windows); the softmax over the kind logits (class ``none`` left out, as in
     ``model.attribution``) is averaged over the windows and its argmax is the decision.
     """
     net.eval()
@@ -88,8 +99,8 @@ def volume_confusion(
         clean = volumes[v]["image"].float()
         for r, kind in enumerate(rows):
             img = clean if kind == "none" else samplers[kind](clean)[0].float()
-            ranges = _patch_starts(tuple(img.shape[1:]), patch, f"evaluation volume {v}")
-            starts = [range(lo, hi, stride) for lo, hi in ranges]
+            ranges = _patch_starts(tuple(img.shape[1:]), patch, f"evaluation volume {v}", margin)
+            starts = [_window_starts(lo, hi, stride) for lo, hi in ranges]
             xs = [img[:, a : a + patch, b : b + patch, c : c + patch]
                   for a in starts[0] for b in starts[1] for c in starts[2]]  # fmt: skip
             with torch.no_grad():
@@ -116,7 +127,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     c = cfg.classifier
     kinds = [str(k) for k in c.kinds]
     patch, batch, steps = int(c.patch), int(c.batch), int(c.steps)
-    redraw, holdout = int(c.redraw), int(c.holdout)
+    redraw, holdout, margin = int(c.redraw), int(c.holdout), int(c.get("margin", 0))
     if steps < 1 or batch < 1 or redraw < 0 or holdout < 1:
         raise ConfigError(
             f"classifier: need steps >= 1, batch >= 1, redraw >= 0, holdout >= 1; got "
@@ -143,7 +154,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for _ in range(batch):
             k = int(rng.integers(len(kinds) + 1))
             img = bank[ids[int(rng.integers(len(ids)))]][k]
-            lo = [int(rng.integers(a, b)) for a, b in _patch_starts(img.shape[1:], patch, "volume")]
+            ranges = _patch_starts(img.shape[1:], patch, "volume", margin)
+            lo = [int(rng.integers(a, b)) for a, b in ranges]
             xs.append(img[:, lo[0] : lo[0] + patch, lo[1] : lo[1] + patch, lo[2] : lo[2] + patch])
             ys.append(k)
         return torch.stack(xs), torch.tensor(ys)
@@ -198,6 +210,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             int(c.eval_volumes),
             patch,
             int(c.eval_stride),
+            margin,
         )
         results.update(conf)
         log.info(
