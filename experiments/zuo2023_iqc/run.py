@@ -37,7 +37,9 @@ HERE = Path(__file__).resolve().parent
 #: the study size (README): the main job's encoder on full-resolution 112 px slices (2 mm
 #: axial slices are 96 x 112, so nothing is downsampled), 12 epochs, default data; negatives
 #: corrupted in 3-D (then sliced) by all six k-space kinds, and of the other volumes only their
-#: corrupted copies count as negatives (README: "what was tried")
+#: corrupted copies count as negatives, and the positive slice carries clean-range nuisance
+#: (a little noise, a weak bias field) so the code learns to ignore it (README: "what was tried")
+NUISANCE = "{noise:{p:0.5,snr_db:[28,40]},bias:{p:0.5,coefficients:[-0.2,0.2],order:3}}"
 STUDY = {
     "encoder_contrastive": [
         "data.slice_size=112",
@@ -45,6 +47,7 @@ STUDY = {
         "contrastive.negatives_3d=true",
         "augment=contrastive_all",
         "model.negatives=corrupted",
+        f"contrastive.positive_nuisance={NUISANCE}",
     ],
     # the flow embeds at the encoder's slice size (evaluation reads it from the flow run)
     "flow_density": ["data.slice_size=112"],
