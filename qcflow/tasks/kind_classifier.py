@@ -111,10 +111,10 @@ def volume_confusion(
     return {
         "volume_counts": {
             row: dict(zip(kinds, map(int, counts[r]), strict=True)) for r, row in enumerate(rows)
-        },  # fmt: skip
+        },
         "volume_share": {
             row: dict(zip(kinds, map(float, share[r]), strict=True)) for r, row in enumerate(rows)
-        },  # fmt: skip
+        },
         "volume_own_kind": own,
         "volume_n": n,
     }
@@ -185,7 +185,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                             float((net.logits(x).argmax(1) == y).float().mean())
                             for x, y in (draw(test) for _ in range(20))
                         ]
-                    )  # fmt: skip
+                    )
                 )
             log.info("step %d loss %.3f held-out patch accuracy %.3f", step, loss.item(), accuracy)
     out_dir = Path(str(cfg.paths.output_dir))
