@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 
 from qcflow.lit.uncertainty import UncertaintySeg
+from qcflow.models.unet import PatchContext
 from qcflow.utils.stages import latest_teacher_run
 from tests.conftest import SMALL_EMBEDDED
 from tests.helpers import compose_cfg, run_cli
@@ -27,9 +28,9 @@ TINY = [
 ]
 
 
-def _save_stage(path: Path, role: str, kinds: list[str]) -> Path:
+def _save_stage(path: Path, role: str, kinds: list[str], **net: object) -> Path:
     """A checkpoint of an untrained stage, as Lightning writes it (without a Trainer)."""
-    m = UncertaintySeg(role, kinds, net={"filters": [4, 8, 16]})
+    m = UncertaintySeg(role, kinds, net={"filters": [4, 8, 16], **net})
     ckpt = {
         "state_dict": m.state_dict(),
         "hyper_parameters": dict(m.hparams),
@@ -40,6 +41,14 @@ def _save_stage(path: Path, role: str, kinds: list[str]) -> Path:
     return path
 
 
+def _save_classifier(path: Path, classes: list[str]) -> PatchContext:
+    """A kind classifier file as ``experiment=kind_classifier`` writes it (random outputs)."""
+    clf = PatchContext(1, len(classes))
+    torch.nn.init.normal_(clf.out.weight)
+    torch.save({"state_dict": clf.state_dict(), "classes": classes, "widths": [16, 32, 32]}, path)
+    return clf
+
+
 @pytest.fixture(scope="module")
 def stage_ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("stages")
@@ -47,13 +56,8 @@ def stage_ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for kind in ("noise", "blur"):
         out[kind] = _save_stage(root / f"{kind}.ckpt", "teacher", [kind])
     out["student"] = _save_stage(root / "student.ckpt", "student", ["noise", "blur"])
-    from qcflow.models.unet import PatchContext
-
-    clf = PatchContext(1, 6)
-    classes = ["none", "spike", "noise", "blur", "wrap", "motion"]
     out["classifier"] = root / "classifier.pt"
-    torch.save({"state_dict": clf.state_dict(), "classes": classes, "widths": [16, 32, 32]},
-               out["classifier"])  # fmt: skip
+    _save_classifier(out["classifier"], ["none", "spike", "noise", "blur", "wrap", "motion"])
     return out
 
 
@@ -101,12 +105,8 @@ def test_fast_dev_run_teacher_with_context_and_kind_loss(
     """The decoupling switches together: patch context (started from a kind classifier),
     kind-presence loss, negatives."""
     from qcflow.errors import ConfigError
-    from qcflow.models.unet import PatchContext
 
-    clf = PatchContext(1, 3)
-    torch.nn.init.normal_(clf.out.weight)
-    saved = {"state_dict": clf.state_dict(), "classes": ["none", "noise", "blur"]}
-    torch.save({**saved, "widths": [16, 32, 32]}, tmp_path / "clf.pt")
+    clf = _save_classifier(tmp_path / "clf.pt", ["none", "noise", "blur"])
     over = [
         "experiment=uncertainty_teacher",
         "debug=fast",
@@ -142,14 +142,10 @@ def test_student_with_attribution_trains_and_evaluates(
     """The attribution head (one total artifact variance split by the kind logits) through
     the student's fast_dev_run (classifier start, zero targets, exclusive kinds, kind loss)
     and the evaluation of a checkpoint with it."""
-    from qcflow.models.unet import PatchContext
     from qcflow.tasks import uncertainty_evaluate
     from qcflow.tasks.uncertainty_train import build_module, run
 
-    clf = PatchContext(1, 3)
-    torch.nn.init.normal_(clf.out.weight)
-    saved = {"state_dict": clf.state_dict(), "classes": ["none", "noise", "blur"]}
-    torch.save({**saved, "widths": [16, 32, 32]}, tmp_path / "clf.pt")
+    clf = _save_classifier(tmp_path / "clf.pt", ["none", "noise", "blur"])
     over = [
         "experiment=uncertainty_student",
         "debug=fast",
@@ -179,17 +175,9 @@ def test_student_with_attribution_trains_and_evaluates(
     results = run(cfg)
     assert results["global_step"] == 1 and any("kind_aux" in k for k in results)
     # a saved attribution student evaluates like any other
-    m = UncertaintySeg(
-        "student",
-        ["noise", "blur"],
-        net={"filters": [4, 8, 16], "context": True, "attribution": True},
+    _save_stage(
+        tmp_path / "attr.ckpt", "student", ["noise", "blur"], context=True, attribution=True
     )
-    ckpt = {
-        "state_dict": m.state_dict(),
-        "hyper_parameters": dict(m.hparams),
-        "pytorch-lightning_version": pl.__version__,
-    }
-    torch.save(ckpt, tmp_path / "attr.ckpt")
     ev = [
         "experiment=uncertainty_evaluate",
         "debug=fast",

@@ -231,6 +231,8 @@ class UncertaintySeg(pl.LightningModule):
             raise ValueError(f"kind_aux_weight must be >= 0, got {kind_aux_weight}")
         if self.kind_aux_weight > 0 and self.net.context is None:
             raise ValueError("kind_aux_weight > 0 needs a teacher/student net with context=True")
+        if self.context_lr_mult == 0 and self.net.context is not None:
+            self.net.context.requires_grad_(False)  # frozen: no gradient, not in the optimizer
         # frozen stages are optional here (loading for inference); fitting checks them
         frozen: dict[str, nn.Module] = {}
         if task_net is not None and role != "task":
@@ -290,9 +292,6 @@ class UncertaintySeg(pl.LightningModule):
             groups = [{"params": [p for p in self.net.parameters() if id(p) not in ids]}]
             if self.context_lr_mult > 0:
                 groups.append({"params": context, "lr": self.lr * self.context_lr_mult})
-            else:  # frozen: no gradient, not in the optimizer
-                for p in context:
-                    p.requires_grad_(False)
             opt = torch.optim.Adam(groups, lr=self.lr)
         scale_row_updates(opt, self.row_lr_multipliers())
         return opt
