@@ -170,6 +170,26 @@ def test_encoder_shapes_and_volume_code(volumes) -> None:
     torch.testing.assert_close(m, enc(slices).mean(0).detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_normalized_encoder_outputs_the_unit_codes_the_loss_compares(volumes) -> None:
+    torch.manual_seed(0)
+    module = ContrastiveEncoder(encoder={"latent_dim": 2, **TINY}, normalize=True).eval()
+    raw = ArtifactEncoder(latent_dim=2, **TINY).eval()
+    raw.load_state_dict(module.encoder.state_dict())  # no new parameters: same weights
+    slices = axial_stack(volumes.volume(0)["image"], 4, 32)
+    with torch.no_grad():
+        unit, m = module.encoder(slices), raw(slices)
+    torch.testing.assert_close(unit.norm(dim=1), torch.ones(4))
+    torch.testing.assert_close(unit, m / m.norm(dim=1, keepdim=True))
+    # the loss on unit codes is the cosine loss on the raw ones
+    q, p, negs = m[:1], m[1:2], m[2:]
+    torch.testing.assert_close(
+        contrastive_loss(unit[:1], unit[1:2], unit[2:], temperature=0.1),
+        contrastive_loss(q, p, negs, temperature=0.1, normalize=True),
+    )
+    # the paper's default leaves the codes raw
+    assert ContrastiveEncoder(encoder={"latent_dim": 2, **TINY}).encoder.normalize is False
+
+
 def test_encoder_ensemble_concatenates_member_codes(volumes) -> None:
     torch.manual_seed(0)
     a = ArtifactEncoder(latent_dim=2, **TINY).eval()

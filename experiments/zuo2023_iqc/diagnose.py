@@ -72,6 +72,8 @@ def _rep(codes: dict, split: str, how: str) -> np.ndarray:
         return a[:, start : start + n]
 
     r = codes[split]
+    if how.startswith("sl"):  # per-slice codes (V, n, d): the flow models slices
+        return central(r["axial"], int(how[2:]))
     if how.startswith("ax"):
         return central(r["axial"], int(how[2:])).mean(1)
     per = [central(r[o], 20).mean(1) for o in ("axial", "coronal", "sagittal")]
@@ -118,6 +120,11 @@ def combined_log_prob(
         ``(N,)`` training and ``(M,)`` test scores; thresholds are tau percentiles of the
         training scores.
     """
+    if train[0].ndim == 3:  # per-slice codes: one flow on all slices, volume = mean log p
+        tr, te = np.concatenate(train, -1), np.concatenate(test, -1)
+        (v, n, d), m = tr.shape, te.shape[0]
+        ltr, lte = _fit_log_prob(tr.reshape(-1, d), te.reshape(-1, d), seed)
+        return ltr.reshape(v, n).mean(1), lte.reshape(m, n).mean(1)
     if combine == "joint":
         return _fit_log_prob(np.concatenate(train, 1), np.concatenate(test, 1), seed)
     if combine != "mean":
@@ -144,7 +151,7 @@ def score(files: list[Path], reps: list[str], fits: int, combine: str = "joint")
         tr = [_rep(c, "train", how) for c in all_codes]
         te = [np.concatenate([_rep(c, "test_clean", how), _rep(c, "test_artifact", how)])
               for c in all_codes]  # fmt: skip
-        d = sum(t.shape[1] for t in tr)
+        d = sum(t.shape[-1] for t in tr)
         rows = []
         for seed in range(fits):
             ltr, lte = combined_log_prob(tr, te, combine, seed)

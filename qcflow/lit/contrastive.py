@@ -75,7 +75,9 @@ class ContrastiveEncoder(pl.LightningModule):
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
         temperature: extension, ``None`` (paper) = no temperature.
-        normalize: extension, False (paper) = raw dot products.
+        normalize: extension, False (paper) = raw dot products; True compares unit codes
+            (cosine similarity) and the encoder outputs them, so volume codes and the flow
+            see the codes the loss saw.
         gather: gather negatives across ranks under DDP (``self.all_gather``).
         negatives: extension, ``'all'`` (paper) or ``'corrupted'`` (see :func:`build_pool`).
         figure_dir: where validation scatter plots go (``None``: not saved).
@@ -96,7 +98,9 @@ class ContrastiveEncoder(pl.LightningModule):
             raise ValueError(f"negatives must be 'all' or 'corrupted', got {negatives!r}")
         super().__init__()
         self.save_hyperparameters()
-        self.encoder = ArtifactEncoder(**dict(encoder or {}))
+        kwargs = dict(encoder or {})
+        kwargs.setdefault("normalize", bool(normalize))
+        self.encoder = ArtifactEncoder(**kwargs)
         self._val_codes: list[Tensor] = []
         self._val_kinds: list[Tensor] = []
 

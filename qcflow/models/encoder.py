@@ -38,6 +38,9 @@ class ArtifactEncoder(nn.Module):
         block_config: dense layers per dense block.
         bn_size: bottleneck width multiplier.
         dropout_prob: dropout inside dense layers.
+        normalize: extension, off by default: return L2-normalised codes (the unit vectors a
+            cosine-similarity loss compares), so volume codes average the codes the loss saw
+            rather than raw outputs whose length was never trained.
     """
 
     def __init__(
@@ -49,9 +52,11 @@ class ArtifactEncoder(nn.Module):
         block_config: Sequence[int] = (6, 12, 24, 16),
         bn_size: int = 4,
         dropout_prob: float = 0.0,
+        normalize: bool = False,
     ) -> None:
         super().__init__()
         self.latent_dim = int(latent_dim)
+        self.normalize = bool(normalize)
         self.net = DenseNet(
             spatial_dims=2,
             in_channels=in_channels,
@@ -64,8 +69,9 @@ class ArtifactEncoder(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, S, S)`` slices -> ``(B, d)`` codes."""
-        return self.net(x)
+        """``(B, C, S, S)`` slices -> ``(B, d)`` codes (unit length with ``normalize``)."""
+        m = self.net(x)
+        return F.normalize(m, dim=-1) if self.normalize else m
 
 
 class EncoderEnsemble(nn.Module):
