@@ -23,6 +23,7 @@ from qcflow.models.encoder import (
     ArtifactEncoder,
     EncoderEnsemble,
     contrastive_loss,
+    log_kspace_magnitude,
     volume_code,
 )
 from tests.helpers import compose_cfg
@@ -188,6 +189,39 @@ def test_normalized_encoder_outputs_the_unit_codes_the_loss_compares(volumes) ->
     )
     # the paper's default leaves the codes raw
     assert ContrastiveEncoder(encoder={"latent_dim": 2, **TINY}).encoder.normalize is False
+
+
+def test_log_kspace_magnitude_analytic_cases() -> None:
+    h, w = 16, 12
+    const = torch.full((1, 1, h, w), 0.5)
+    k = log_kspace_magnitude(const)
+    assert k.shape == (1, 1, h, w)
+    # orthonormal FFT of a constant: only the centred zero frequency, |F(0)| = c sqrt(HW)
+    want = torch.zeros(h, w)
+    want[h // 2, w // 2] = math.log1p(0.5 * math.sqrt(h * w))
+    torch.testing.assert_close(k[0, 0], want, atol=1e-5, rtol=1e-5)
+    # a plane wave cos(2 pi 3 y / H): two peaks at +-3 rows from the centre, amplitude sqrt(HW)/2
+    y = torch.arange(h, dtype=torch.float32)[:, None].expand(h, w)
+    k = log_kspace_magnitude(torch.cos(2 * math.pi * 3 * y / h)[None, None])[0, 0]
+    peaks = (k > 0.1).nonzero().tolist()
+    assert peaks == [[h // 2 - 3, w // 2], [h // 2 + 3, w // 2]]
+    half = torch.tensor(math.log1p(math.sqrt(h * w) / 2))
+    torch.testing.assert_close(k[h // 2 + 3, w // 2], half)
+
+
+def test_fourier_encoder_sees_the_kspace_channel(volumes) -> None:
+    torch.manual_seed(0)
+    enc = ArtifactEncoder(latent_dim=2, fourier=True, **TINY).eval()
+    slices = axial_stack(volumes.volume(0)["image"], 3, 32)
+    first = next(enc.net.parameters())  # the stem convolution takes image + k-space channels
+    assert first.shape[1] == 2
+    with torch.no_grad():
+        m = enc(slices)
+        assert m.shape == (3, 2)
+        # the code depends on the k-space channel: zeroing its weights changes the output
+        first[:, 1].zero_()
+        assert not torch.allclose(m, enc(slices))
+    assert ArtifactEncoder(latent_dim=2, **TINY).fourier is False  # the paper: image only
 
 
 def test_encoder_ensemble_concatenates_member_codes(volumes) -> None:

@@ -11,7 +11,9 @@ Two steps::
 
 ``RUN`` is an ``encoder_contrastive`` run folder. Representations (``--rep``): ``axN`` the
 mean code of the N central axial slices (``ax20`` = the study's), ``3o20`` the mean over the 20
-central slices of all three orientations, ``3o20cat`` the three orientation means side by side.
+central slices of all three orientations, ``3o20cat`` the three orientation means side by side,
+``slN`` the per-slice codes of the N central axial slices (one flow on all training slices; a
+volume scores the mean log-density of its slices; ``slNqP``: its slices' P-th percentile).
 Several code files are an encoder ensemble: ``--combine joint`` (default) fits one flow on the
 concatenated codes, as ``flow.encoder_ckpt=[...]`` does; ``--combine mean`` fits one flow per
 member and averages the members' log-densities, each standardised on the training codes.
@@ -73,7 +75,7 @@ def _rep(codes: dict, split: str, how: str) -> np.ndarray:
 
     r = codes[split]
     if how.startswith("sl"):  # per-slice codes (V, n, d): the flow models slices
-        return central(r["axial"], int(how[2:]))
+        return central(r["axial"], int(how[2:].split("q")[0]))
     if how.startswith("ax"):
         return central(r["axial"], int(how[2:])).mean(1)
     per = [central(r[o], 20).mean(1) for o in ("axial", "coronal", "sagittal")]
@@ -103,7 +105,7 @@ def _fit_log_prob(tr: np.ndarray, te: np.ndarray, seed: int) -> tuple[np.ndarray
 
 
 def combined_log_prob(
-    train: list[np.ndarray], test: list[np.ndarray], combine: str, seed: int
+    train: list[np.ndarray], test: list[np.ndarray], combine: str, seed: int, q: float | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Training and test scores (higher = more typical) of an ensemble's codes.
 
@@ -115,6 +117,8 @@ def combined_log_prob(
             by the mean and standard deviation of its training log-densities, then averaged
             over members (each member gets the same weight whatever its density's scale).
         seed: flow seed (every member's flow gets the same one).
+        q: per-slice codes only: a volume scores this quantile of its slices' log-densities
+            instead of their mean (``sl20q10``: the 10th percentile).
 
     Returns:
         ``(N,)`` training and ``(M,)`` test scores; thresholds are tau percentiles of the
@@ -124,7 +128,10 @@ def combined_log_prob(
         tr, te = np.concatenate(train, -1), np.concatenate(test, -1)
         (v, n, d), m = tr.shape, te.shape[0]
         ltr, lte = _fit_log_prob(tr.reshape(-1, d), te.reshape(-1, d), seed)
-        return ltr.reshape(v, n).mean(1), lte.reshape(m, n).mean(1)
+        ltr, lte = ltr.reshape(v, n), lte.reshape(m, n)
+        if q is None:
+            return ltr.mean(1), lte.mean(1)
+        return np.quantile(ltr, q, axis=1), np.quantile(lte, q, axis=1)
     if combine == "joint":
         return _fit_log_prob(np.concatenate(train, 1), np.concatenate(test, 1), seed)
     if combine != "mean":
@@ -154,7 +161,8 @@ def score(files: list[Path], reps: list[str], fits: int, combine: str = "joint")
         d = sum(t.shape[-1] for t in tr)
         rows = []
         for seed in range(fits):
-            ltr, lte = combined_log_prob(tr, te, combine, seed)
+            q = float(how.split("q")[1]) / 100 if how.startswith("sl") and "q" in how else None
+            ltr, lte = combined_log_prob(tr, te, combine, seed, q)
             flag = lte < np.quantile(ltr, 0.05)
             sens, spec = det.sensitivity_specificity(det.contingency(flag, labels))
             never = np.mean([flag[kinds == k].mean() for k in NEVER])

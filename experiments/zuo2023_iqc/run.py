@@ -124,10 +124,19 @@ def main() -> None:
         "--encoder-run", type=Path, action="append", default=[],
         help="reuse this encoder_contrastive run (no training); repeat for an ensemble",
     )  # fmt: skip
+    parser.add_argument(
+        "--nuisance", default=NUISANCE, metavar="SPEC",
+        help="the study's contrastive.positive_nuisance (a Hydra value; 'null' = the paper's "
+        "positives); an --enc override of it would be merged into the default, not replace it",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every stage")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     plan = QUICK if args.quick else STUDY
+    if plan is STUDY and args.nuisance != NUISANCE:
+        nuisance = f"contrastive.positive_nuisance={args.nuisance}"
+        plan = {k: [nuisance if o.startswith("contrastive.positive_nuisance=") else o for o in v]
+                for k, v in STUDY.items()}  # fmt: skip
     n_encoders = args.encoders or (1 if args.quick else ENCODERS)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     timings, stages = {}, {}

@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from monai.networks.nets import DenseNet
 from torch import Tensor, nn
 
-__all__ = ["ArtifactEncoder", "EncoderEnsemble", "contrastive_loss", "volume_code"]
+__all__ = [
+    "ArtifactEncoder",
+    "EncoderEnsemble",
+    "contrastive_loss",
+    "log_kspace_magnitude",
+    "volume_code",
+]
 
 
 class ArtifactEncoder(nn.Module):
@@ -38,6 +44,10 @@ class ArtifactEncoder(nn.Module):
         block_config: dense layers per dense block.
         bn_size: bottleneck width multiplier.
         dropout_prob: dropout inside dense layers.
+        fourier: extension, off by default: a second input channel with the slice's centred
+            log k-space magnitude ``log(1 + |FFT2(x)|)`` (orthonormal FFT), computed inside
+            ``forward`` (the DenseNet sees ``in_channels + 1`` channels). Spikes, ghosts,
+            aliasing, truncation and the noise floor are local patterns there.
         normalize: extension, off by default: return L2-normalised codes (the unit vectors a
             cosine-similarity loss compares), so volume codes average the codes the loss saw
             rather than raw outputs whose length was never trained.
@@ -53,13 +63,15 @@ class ArtifactEncoder(nn.Module):
         bn_size: int = 4,
         dropout_prob: float = 0.0,
         normalize: bool = False,
+        fourier: bool = False,
     ) -> None:
         super().__init__()
         self.latent_dim = int(latent_dim)
         self.normalize = bool(normalize)
+        self.fourier = bool(fourier)
         self.net = DenseNet(
             spatial_dims=2,
-            in_channels=in_channels,
+            in_channels=in_channels + int(self.fourier),
             out_channels=self.latent_dim,
             init_features=init_features,
             growth_rate=growth_rate,
@@ -70,8 +82,16 @@ class ArtifactEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, S, S)`` slices -> ``(B, d)`` codes (unit length with ``normalize``)."""
+        if self.fourier:
+            x = torch.cat([x, log_kspace_magnitude(x[:, :1])], dim=1)
         m = self.net(x)
         return F.normalize(m, dim=-1) if self.normalize else m
+
+
+def log_kspace_magnitude(x: Tensor) -> Tensor:
+    """``log(1 + |FFT2(x)|)`` of ``(B, 1, H, W)`` slices, orthonormal, zero frequency centred."""
+    k = torch.fft.fftshift(torch.fft.fft2(x.float(), norm="ortho"), dim=(-2, -1))
+    return torch.log1p(k.abs()).to(x.dtype)
 
 
 class EncoderEnsemble(nn.Module):
