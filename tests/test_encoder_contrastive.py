@@ -189,6 +189,8 @@ def test_normalized_encoder_outputs_the_unit_codes_the_loss_compares(volumes) ->
     )
     # the paper's default leaves the codes raw
     assert ContrastiveEncoder(encoder={"latent_dim": 2, **TINY}).encoder.normalize is False
+    with pytest.raises(ValueError, match="contradicts"):
+        ContrastiveEncoder(encoder={"latent_dim": 2, "normalize": False, **TINY}, normalize=True)
 
 
 def test_log_kspace_magnitude_analytic_cases() -> None:

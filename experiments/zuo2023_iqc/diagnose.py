@@ -68,6 +68,12 @@ def embed(run: Path, out: Path) -> None:
     torch.save(codes, out)
 
 
+def _slices(how: str) -> tuple[int, float | None]:
+    """``slN`` -> ``(N, None)`` (mean of the slices); ``slNqP`` -> ``(N, P / 100)``."""
+    n, _, p = how[2:].partition("q")
+    return int(n), (float(p) / 100 if p else None)
+
+
 def _rep(codes: dict, split: str, how: str) -> np.ndarray:
     def central(a: np.ndarray, n: int) -> np.ndarray:
         start = (N_SLICES - n) // 2
@@ -75,7 +81,7 @@ def _rep(codes: dict, split: str, how: str) -> np.ndarray:
 
     r = codes[split]
     if how.startswith("sl"):  # per-slice codes (V, n, d): the flow models slices
-        return central(r["axial"], int(how[2:].split("q")[0]))
+        return central(r["axial"], _slices(how)[0])
     if how.startswith("ax"):
         return central(r["axial"], int(how[2:])).mean(1)
     per = [central(r[o], 20).mean(1) for o in ("axial", "coronal", "sagittal")]
@@ -160,8 +166,8 @@ def score(files: list[Path], reps: list[str], fits: int, combine: str = "joint")
               for c in all_codes]  # fmt: skip
         d = sum(t.shape[-1] for t in tr)
         rows = []
+        q = _slices(how)[1] if how.startswith("sl") else None
         for seed in range(fits):
-            q = float(how.split("q")[1]) / 100 if how.startswith("sl") and "q" in how else None
             ltr, lte = combined_log_prob(tr, te, combine, seed, q)
             flag = lte < np.quantile(ltr, 0.05)
             sens, spec = det.sensitivity_specificity(det.contingency(flag, labels))

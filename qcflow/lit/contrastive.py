@@ -99,7 +99,11 @@ class ContrastiveEncoder(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         kwargs = dict(encoder or {})
-        kwargs.setdefault("normalize", bool(normalize))
+        if bool(kwargs.setdefault("normalize", bool(normalize))) != bool(normalize):
+            raise ValueError(
+                f"encoder.normalize={kwargs['normalize']} contradicts normalize={normalize}: the "
+                "loss would compare other codes than the encoder outputs (set only normalize)"
+            )
         self.encoder = ArtifactEncoder(**kwargs)
         self._val_codes: list[Tensor] = []
         self._val_kinds: list[Tensor] = []
