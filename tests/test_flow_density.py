@@ -68,3 +68,56 @@ def test_state_dict_round_trip_keeps_standardisation_and_thresholds(fitted, tmp_
     torch.testing.assert_close(other.thresholds, density.thresholds)
     with torch.no_grad():
         torch.testing.assert_close(other.log_prob(m[:10]), density.log_prob(m[:10]))
+
+
+@pytest.fixture(scope="module")
+def mixture() -> tuple[DensityFlow, torch.Tensor, dict]:
+    g = torch.Generator().manual_seed(1)
+    m = torch.randn(300, 2, generator=g) * torch.tensor([3.0, 0.5]) + torch.tensor([5.0, -2.0])
+    density = DensityFlow(features=2, transforms=6, hidden_features=(16, 16), mixture=3)
+    fit = fit_flow(density, m, epochs=15, lr=3e-3, batch_size=128, val_fraction=0.2, generator=g)
+    return density, m, fit
+
+
+def test_single_flow_state_dict_is_unchanged_by_the_mixture_option() -> None:
+    keys = set(DensityFlow(hidden_features=(8,)).state_dict())
+    assert not any(k.startswith("others.") for k in keys)  # old flow.pt bundles still load
+    assert keys < set(DensityFlow(hidden_features=(8,), mixture=2).state_dict())
+    with pytest.raises(ValueError, match="mixture"):
+        DensityFlow(mixture=0)
+
+
+def test_mixture_is_the_mean_of_its_flows_densities(mixture) -> None:
+    density, m, fit = mixture
+    assert len(density.flows) == 3 and len(fit["flows"]) == 3
+    with torch.no_grad():
+        x = density.standardize(m[:20])
+        per = torch.stack([f().log_prob(x).exp() for f in density.flows])  # (3, 20)
+        expected = (per.mean(0) / density.std.prod()).log()
+        torch.testing.assert_close(density.log_prob(m[:20]), expected, rtol=1e-4, atol=1e-5)
+        # each flow was fitted from its own start on its own hold-out split: they differ
+        assert not torch.allclose(per[0], per[1], rtol=1e-3)
+    assert fit["val_nll"] == pytest.approx(np.mean([f["val_nll"] for f in fit["flows"]]))
+
+
+def test_mixture_density_integrates_to_one(mixture) -> None:
+    density, _, _ = mixture
+    xs = torch.linspace(5.0 - 18.0, 5.0 + 18.0, 300)
+    ys = torch.linspace(-2.0 - 3.0, -2.0 + 3.0, 300)
+    xx, yy = torch.meshgrid(xs, ys, indexing="ij")
+    with torch.no_grad():
+        p = density.log_prob(torch.stack([xx.ravel(), yy.ravel()], 1)).exp()
+    assert float(p.sum() * (xs[1] - xs[0]) * (ys[1] - ys[0])) == pytest.approx(1.0, abs=0.03)
+
+
+def test_mixture_round_trips_and_thresholds_are_its_percentiles(mixture, tmp_path) -> None:
+    density, m, _ = mixture
+    thr = density.set_thresholds(m, taus=(0.05,))
+    with torch.no_grad():
+        logp = density.log_prob(m).double().numpy()
+    assert float(thr[0]) == pytest.approx(float(np.quantile(logp, 0.05)))
+    torch.save(density.state_dict(), tmp_path / "flow.pt")
+    other = DensityFlow(2, 6, (16, 16), taus=(0.05,), mixture=3)
+    other.load_state_dict(torch.load(tmp_path / "flow.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(other.log_prob(m[:10]), density.log_prob(m[:10]))

@@ -96,6 +96,51 @@ def test_flow_and_evaluate_fast_dev_run(encoder_run: Path, tmp_path: Path) -> No
         assert (tmp_path / "eval" / "figures" / fig).stat().st_size > 0
 
 
+def test_flow_mixture_is_saved_evaluated_and_scored(encoder_run: Path, tmp_path: Path) -> None:
+    """model.mixture=3: the bundle keeps every flow; evaluation and scoring use the mixture."""
+    import numpy as np
+    import torch
+
+    from qcflow.qc.scorers import DensityScorer
+    from qcflow.tasks import flow_density, iqc_evaluate
+
+    flow_dir = tmp_path / "flow"
+    cfg = compose_cfg(["experiment=flow_density", *TINY, *TINY_FLOW, "model.mixture=3",
+                       f"flow.encoder_ckpt={encoder_run}"], flow_dir)  # fmt: skip
+    res = flow_density.run(cfg)
+    assert res["flow_mixture"] == 3
+    density, bundle = flow_density.load_flow(flow_dir)
+    assert bundle["flow_config"]["mixture"] == 3 and len(density.flows) == 3
+    _, codes, logp = flow_density.read_codes(flow_dir / "codes_train.tsv")
+    with torch.no_grad():
+        mixed = density.log_prob(torch.as_tensor(codes, dtype=torch.float32)).double().numpy()
+        first = (
+            density.flow()
+            .log_prob(density.standardize(torch.as_tensor(codes, dtype=torch.float32)))
+            .double()
+            .numpy()
+            - density.std.log().sum().item()
+        )
+    np.testing.assert_allclose(mixed, logp, rtol=1e-4, atol=1e-4)  # the table is the mixture's
+    assert not np.allclose(mixed, first, atol=1e-3)  # ... not its first flow's
+    assert float((logp < res["threshold_tau05"]).mean()) == res["train_flagged_tau05"]
+    scorer = DensityScorer(flow_dir)
+    assert len(scorer.density.flows) == 3
+
+    cfg = compose_cfg(
+        ["experiment=iqc_evaluate", *TINY, "debug=fast", f"evaluate.flow_run={flow_dir}",
+         "evaluate.baselines=null"],
+        tmp_path / "eval",
+    )  # fmt: skip
+    assert 0.0 <= iqc_evaluate.run(cfg)["auroc"] <= 1.0
+    assert (tmp_path / "eval" / "figures" / "latent_z.png").stat().st_size > 0
+
+    cfg = compose_cfg(["experiment=flow_density", *TINY, "model.mixture=0",
+                       f"flow.encoder_ckpt={encoder_run}"], tmp_path / "x")  # fmt: skip
+    with pytest.raises(ValueError, match="model.mixture"):
+        flow_density.run(cfg)
+
+
 def test_flow_evaluate_and_score_with_an_encoder_ensemble(
     encoder_run: Path, tmp_path: Path
 ) -> None:

@@ -92,16 +92,19 @@ def _rep(codes: dict, split: str, how: str) -> np.ndarray:
     raise ValueError(f"unknown representation {how!r}")
 
 
-def _fit_log_prob(tr: np.ndarray, te: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _fit_log_prob(
+    tr: np.ndarray, te: np.ndarray, seed: int, mixture: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """Log-densities of the training ``(N, d)`` and test ``(M, d)`` codes under one flow fit.
 
     The study's flow setting (``conf/model/flow.yaml``): RealNVP, 6 couplings, hidden [32, 32],
-    early stopping on 20 % held-out codes; ``seed`` seeds the initialisation and the split.
+    early stopping on 20 % held-out codes; ``seed`` seeds the initialisation and the split;
+    ``mixture > 1`` fits the equal mixture of that many flows (``model.mixture``).
     """
     from qcflow.models.flow import DensityFlow, fit_flow
 
     torch.manual_seed(seed)
-    density = DensityFlow(features=tr.shape[1], transforms=6, hidden_features=(32, 32))
+    density = DensityFlow(tr.shape[1], 6, (32, 32), mixture=mixture)
     fit_flow(density, torch.tensor(tr, dtype=torch.float32), epochs=300,
              val_fraction=0.2, generator=torch.Generator().manual_seed(seed))  # fmt: skip
     with torch.no_grad():
@@ -111,7 +114,12 @@ def _fit_log_prob(tr: np.ndarray, te: np.ndarray, seed: int) -> tuple[np.ndarray
 
 
 def combined_log_prob(
-    train: list[np.ndarray], test: list[np.ndarray], combine: str, seed: int, q: float | None = None
+    train: list[np.ndarray],
+    test: list[np.ndarray],
+    combine: str,
+    seed: int,
+    q: float | None = None,
+    mixture: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Training and test scores (higher = more typical) of an ensemble's codes.
 
@@ -125,6 +133,7 @@ def combined_log_prob(
         seed: flow seed (every member's flow gets the same one).
         q: per-slice codes only: a volume scores this quantile of its slices' log-densities
             instead of their mean (``sl20q10``: the 10th percentile).
+        mixture: flows per fit (an equal mixture when > 1, ``model.mixture``).
 
     Returns:
         ``(N,)`` training and ``(M,)`` test scores; thresholds are tau percentiles of the
@@ -133,25 +142,27 @@ def combined_log_prob(
     if train[0].ndim == 3:  # per-slice codes: one flow on all slices, volume = mean log p
         tr, te = np.concatenate(train, -1), np.concatenate(test, -1)
         (v, n, d), m = tr.shape, te.shape[0]
-        ltr, lte = _fit_log_prob(tr.reshape(-1, d), te.reshape(-1, d), seed)
+        ltr, lte = _fit_log_prob(tr.reshape(-1, d), te.reshape(-1, d), seed, mixture)
         ltr, lte = ltr.reshape(v, n), lte.reshape(m, n)
         if q is None:
             return ltr.mean(1), lte.mean(1)
         return np.quantile(ltr, q, axis=1), np.quantile(lte, q, axis=1)
     if combine == "joint":
-        return _fit_log_prob(np.concatenate(train, 1), np.concatenate(test, 1), seed)
+        return _fit_log_prob(np.concatenate(train, 1), np.concatenate(test, 1), seed, mixture)
     if combine != "mean":
         raise ValueError(f"combine must be 'joint' or 'mean', got {combine!r}")
     s_tr, s_te = [], []
     for tr, te in zip(train, test, strict=True):
-        ltr, lte = _fit_log_prob(tr, te, seed)
+        ltr, lte = _fit_log_prob(tr, te, seed, mixture)
         mu, sd = ltr.mean(), ltr.std()
         s_tr.append((ltr - mu) / sd)
         s_te.append((lte - mu) / sd)
     return np.mean(s_tr, 0), np.mean(s_te, 0)
 
 
-def score(files: list[Path], reps: list[str], fits: int, combine: str = "joint") -> None:
+def score(
+    files: list[Path], reps: list[str], fits: int, combine: str = "joint", mixture: int = 1
+) -> None:
     from qcflow.qc import detection as det
 
     torch.set_num_threads(1)
@@ -168,7 +179,7 @@ def score(files: list[Path], reps: list[str], fits: int, combine: str = "joint")
         rows = []
         q = _slices(how)[1] if how.startswith("sl") else None
         for seed in range(fits):
-            ltr, lte = combined_log_prob(tr, te, combine, seed, q)
+            ltr, lte = combined_log_prob(tr, te, combine, seed, q, mixture)
             flag = lte < np.quantile(ltr, 0.05)
             sens, spec = det.sensitivity_specificity(det.contingency(flag, labels))
             never = np.mean([flag[kinds == k].mean() for k in NEVER])
@@ -232,6 +243,7 @@ def main() -> None:
     s.add_argument("codes", type=Path, nargs="+")
     s.add_argument("--rep", nargs="+", default=["ax20"])
     s.add_argument("--flow-fits", type=int, default=4)
+    s.add_argument("--flow-mixture", type=int, default=1, help="flows per fit (model.mixture)")
     s.add_argument(
         "--combine", choices=("joint", "mean"), default="joint",
         help="ensemble: one flow on the concatenated codes (joint, the pipeline's) or the mean "
@@ -241,7 +253,7 @@ def main() -> None:
     if args.cmd == "embed":
         embed(args.run, args.out)
     else:
-        score(args.codes, args.rep, args.flow_fits, args.combine)
+        score(args.codes, args.rep, args.flow_fits, args.combine, args.flow_mixture)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,12 @@ unlabelled training volumes, with f(m) ~ N(0, I) and
 flagged when its density is below the τ-percentile of the training volumes' densities.
 The flow is zuko's ``RealNVP`` (PITFALLS.md: it integrates to 1, nflows/normflows did not fit).
 
+Extension (``mixture > 1``, off by default = the paper's single flow): K flows, each fitted
+from its own initialisation on its own random hold-out split, and the density is their equal
+mixture ``p_M(m) = (1/K) Σ_k p_k(m)`` -- still a normalised density, and with ~150 training
+codes the decision no longer hinges on one fit's initialisation and split (one fit moved the
+study's test AUROC by up to ±0.02).
+
 Example:
     >>> m = torch.randn(200, 2)
     >>> density = DensityFlow(features=2, transforms=2, hidden_features=(16,))
@@ -46,6 +52,9 @@ class DensityFlow(nn.Module):
         transforms: affine coupling layers (paper: 6).
         hidden_features: hidden widths of each coupling's MLP.
         taus: default percentiles (fractions) for :meth:`set_thresholds`.
+        mixture: flows in the equal mixture (1 = the paper's single flow). The first is
+            ``self.flow`` and the others ``self.others``, so a one-flow state dict is the
+            same as before the option existed.
     """
 
     def __init__(
@@ -54,14 +63,22 @@ class DensityFlow(nn.Module):
         transforms: int = 6,
         hidden_features: Sequence[int] = (64, 64),
         taus: Sequence[float] = (0.05, 0.03),
+        mixture: int = 1,
     ) -> None:
         super().__init__()
+        if int(mixture) < 1:
+            raise ValueError(f"mixture must be >= 1 (flows in the mixture), got {mixture}")
         self.features = int(features)
-        self.flow = zuko.flows.RealNVP(
-            features=self.features,
-            transforms=int(transforms),
-            hidden_features=tuple(hidden_features),
-        )
+
+        def realnvp() -> zuko.flows.RealNVP:
+            return zuko.flows.RealNVP(
+                features=self.features,
+                transforms=int(transforms),
+                hidden_features=tuple(hidden_features),
+            )
+
+        self.flow = realnvp()
+        self.others = nn.ModuleList([realnvp() for _ in range(int(mixture) - 1)])
         self.register_buffer("mean", torch.zeros(self.features))
         self.register_buffer("std", torch.ones(self.features))
         self.register_buffer("taus", torch.tensor([float(t) for t in taus], dtype=torch.float64))
@@ -80,19 +97,31 @@ class DensityFlow(nn.Module):
         return (m - self.mean) / self.std
 
     # ------------------------------------------------------------------ density
+    @property
+    def flows(self) -> list[zuko.flows.RealNVP]:
+        """The mixture's flows (one unless ``mixture > 1``)."""
+        return [self.flow, *self.others]
+
     def log_prob(self, m: Tensor) -> Tensor:
         """log p_M(m) for codes ``(N, d)`` (m-space, standardisation Jacobian included)."""
-        return self.flow().log_prob(self.standardize(m)) - self.std.log().sum()
+        x = self.standardize(m)
+        if not len(self.others):
+            return self.flow().log_prob(x) - self.std.log().sum()
+        per = torch.stack([f().log_prob(x) for f in self.flows])  # (K, N)
+        return per.logsumexp(0) - math.log(len(per)) - self.std.log().sum()
 
     def forward(self, m: Tensor) -> Tensor:
         return self.log_prob(m)
 
     def to_latent(self, m: Tensor) -> Tensor:
-        """z = f(m̃) ``(N, d)``: the flow's Gaussian latent (the paper's z scatter)."""
+        """z = f(m̃) ``(N, d)``: the flow's Gaussian latent (the paper's z scatter).
+
+        A mixture (``mixture > 1``) has no single latent: this is its first flow's.
+        """
         return self.flow().transform(self.standardize(m))
 
     def from_latent(self, z: Tensor) -> Tensor:
-        """The inverse: codes m ``(N, d)`` of latents ``z``."""
+        """The inverse: codes m ``(N, d)`` of latents ``z`` (the first flow's, as above)."""
         return self.flow().transform.inv(z) * self.std + self.mean
 
     # ------------------------------------------------------------------ thresholds
@@ -126,7 +155,7 @@ class DensityFlow(nn.Module):
         return self.log_prob(m).double() < self.threshold(tau)
 
     def extra_repr(self) -> str:
-        return f"features={self.features}, taus={self.taus.tolist()}"
+        return f"features={self.features}, mixture={len(self.flows)}, taus={self.taus.tolist()}"
 
 
 def fit_flow(
@@ -143,7 +172,8 @@ def fit_flow(
 
     With ``val_fraction > 0`` a random part of the codes is held out and the parameters of the
     epoch with the lowest held-out NLL are kept (early stopping: a 2-D flow on ~100 codes
-    overfits into a jagged density otherwise).
+    overfits into a jagged density otherwise). A mixture's flows are fitted one after the
+    other, each on its own hold-out split drawn from ``generator``.
 
     Args:
         density: the model (its standardisation is set from all of ``m``).
@@ -156,26 +186,58 @@ def fit_flow(
 
     Returns:
         ``{"nll": final mean -log p_M over all of m, "val_nll", "best_epoch", "steps",
-        "history": [per-epoch fitting nll], "val_history": [...]}``.
+        "history": [per-epoch fitting nll], "val_history": [...]}`` -- with a mixture
+        ``val_nll`` is the flows' mean, ``best_epoch``/``history``/``val_history`` are the
+        first flow's, and ``"flows"`` lists each flow's ``val_nll`` and ``best_epoch``.
     """
     m = m.detach().float()
     density.set_standardization(m)
     x = density.standardize(m)
+    fits = [
+        _fit_one(flow, x, epochs, lr, batch_size, weight_decay, val_fraction, generator)
+        for flow in density.flows
+    ]
+    density.eval()
+    with torch.no_grad():
+        nll = float(-density.log_prob(m).mean())
+    first = fits[0]
+    return {
+        "nll": nll,
+        "val_nll": sum(f["val_nll"] for f in fits) / len(fits),
+        "best_epoch": first["best_epoch"],
+        "steps": sum(f["steps"] for f in fits),
+        "history": first["history"],
+        "val_history": first["val_history"],
+        "flows": [{"val_nll": f["val_nll"], "best_epoch": f["best_epoch"]} for f in fits],
+    }
+
+
+def _fit_one(
+    flow: zuko.flows.RealNVP,
+    x: Tensor,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    val_fraction: float,
+    generator: torch.Generator | None,
+) -> dict[str, Any]:
+    """Fit one flow on standardised codes ``x`` (see :func:`fit_flow`)."""
     n_val = int(round(val_fraction * len(x))) if len(x) >= 10 else 0
     order = torch.randperm(len(x), generator=generator)
     x_val, x_fit = x[order[:n_val]], x[order[n_val:]]
-    opt = torch.optim.Adam(density.flow.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.Adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
     history: list[float] = []
     val_history: list[float] = []
     best = (float("inf"), -1, None)
     steps = 0
     for epoch in range(int(epochs)):
-        density.train()
+        flow.train()
         perm = torch.randperm(len(x_fit), generator=generator)
         total = 0.0
         for i in range(0, len(x_fit), batch_size):
             xb = x_fit[perm[i : i + batch_size]]
-            loss = -density.flow().log_prob(xb).mean()
+            loss = -flow().log_prob(xb).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -184,18 +246,15 @@ def fit_flow(
         history.append(total / len(x_fit))
         if n_val:
             with torch.no_grad():
-                v = float(-density.flow().log_prob(x_val).mean())
+                v = float(-flow().log_prob(x_val).mean())
             val_history.append(v)
             if v < best[0]:
-                state = {k: t.detach().clone() for k, t in density.flow.state_dict().items()}
+                state = {k: t.detach().clone() for k, t in flow.state_dict().items()}
                 best = (v, epoch, state)
     if best[2] is not None:
-        density.flow.load_state_dict(best[2])
-    density.eval()
-    with torch.no_grad():
-        nll = float(-density.log_prob(m).mean())
+        flow.load_state_dict(best[2])
+    flow.eval()
     return {
-        "nll": nll,
         "val_nll": best[0] if n_val else float("nan"),
         "best_epoch": best[1] if n_val else int(epochs) - 1,
         "steps": steps,

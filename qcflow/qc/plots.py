@@ -62,14 +62,18 @@ def embedding_scatter(codes: np.ndarray, kinds: np.ndarray, path: str | Path) ->
 
 
 def latent_scatter(
-    z_train: np.ndarray, z_test: np.ndarray, test_kinds: Sequence[str], path: str | Path
+    z_train: np.ndarray,
+    z_test: np.ndarray,
+    test_kinds: Sequence[str],
+    path: str | Path,
+    title: str = "z = f(m)",
 ) -> Path:
     """Scatter of the flow's latent z: training volumes (grey) and test volumes by kind."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.scatter(z_train[:, 0], z_train[:, 1], s=6, color="0.7", label="train (unlabelled)")
     _by_group(ax, np.asarray(z_test), test_kinds)
-    ax.set(xlabel="z1", ylabel="z2", title="z = f(m)")
+    ax.set(xlabel="z1", ylabel="z2", title=title)
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
 

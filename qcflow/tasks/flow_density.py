@@ -6,9 +6,10 @@ The encoder comes from ``flow.encoder_ckpt`` (a checkpoint or run folder) or the
 the members' codes and the flow is fitted in ``sum_e d_e`` dimensions). Every usable scan of
 the data (default: the embedded ``train`` split, unlabelled) is represented by the mean code of
 its central axial slices; the flow is fitted on the standardised codes and the τ thresholds are
-set on the same codes. Outputs in the run folder: ``flow.pt`` (flow state with standardisation
-and thresholds, its config, the encoder checkpoint(s) used, the slicing settings) and
-``codes_train.tsv``.
+set on the same codes (``model.mixture > 1``: an equal mixture of that many flows, each
+from its own start and hold-out split -- an extension, off by default). Outputs in the run
+folder: ``flow.pt`` (flow state with standardisation and thresholds, its config, the encoder
+checkpoint(s) used, the slicing settings) and ``codes_train.tsv``.
 """
 
 from __future__ import annotations
@@ -146,7 +147,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "transforms": int(mcfg.get("transforms", 6)),
         "hidden_features": [int(h) for h in mcfg.get("hidden_features", [64, 64])],
         "taus": [float(t) for t in mcfg.get("taus", [0.05, 0.03])],
+        "mixture": int(mcfg.get("mixture", 1)),
     }
+    if flow_config["mixture"] < 1:
+        raise ConfigError(f"model.mixture must be >= 1 (flows in the mixture), got {mcfg.mixture}")
     if int(mcfg.get("features", m.shape[1])) != m.shape[1]:
         log.warning(
             "model.features=%s but the encoder gives d=%d; using d", mcfg.features, m.shape[1]
@@ -185,6 +189,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "train/nll": fit["nll"],
         "val/nll": fit["val_nll"],
         "best_epoch": fit["best_epoch"],
+        "flow_mixture": flow_config["mixture"],
         "n_volumes": len(ids),
         "encoder_checkpoint": str(ckpt),
         "encoder_checkpoints": [str(c) for c in ckpts],

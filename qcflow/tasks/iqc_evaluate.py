@@ -328,5 +328,7 @@ def _figures(
 
     thr = {f"τ={t:.0%}": density.threshold(t) for t in density.taus.tolist()}
     plots.density_contours(log_prob, train, codes, kinds, folder / "density_contours.png", thr)
-    plots.latent_scatter(z_train, z, kinds, folder / "latent_z.png")
+    k = len(density.flows)  # a mixture has no single latent: its first flow's
+    title = "z = f(m)" if k == 1 else f"z = f(m), first of {k} flows in the mixture"
+    plots.latent_scatter(z_train, z, kinds, folder / "latent_z.png", title)
     plots.roc_curves(curves, folder / "roc.png")
