@@ -102,14 +102,20 @@ def folds_of(kinds: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     return fold
 
 
-def train_classifier(x: torch.Tensor, y: np.ndarray, epochs: int, seed: int) -> torch.nn.Module:
-    """The light DenseNet with one logit, trained on slices ``(V, n, 1, S, S)`` of labels ``y``."""
+def train_classifier(
+    x: torch.Tensor, y: np.ndarray, epochs: int, seed: int, width: tuple[int, int] = (16, 8)
+) -> torch.nn.Module:
+    """The light DenseNet with one logit, trained on slices ``(V, n, 1, S, S)`` of labels ``y``.
+
+    ``width``: ``(init_features, growth_rate)``; (16, 8) is ``encoder_light``'s.
+    """
     from qcflow.models.encoder import ArtifactEncoder
 
     torch.manual_seed(seed)
     model = ArtifactEncoder(
-        latent_dim=1, init_features=16, growth_rate=8, block_config=(2, 2, 2, 2), bn_size=2
-    )
+        latent_dim=1, init_features=width[0], growth_rate=width[1], block_config=(2, 2, 2, 2),
+        bn_size=2,
+    )  # fmt: skip
     xs = x.reshape(-1, *x.shape[2:])
     ys = torch.as_tensor(np.repeat(y, x.shape[1]), dtype=torch.float32)
     pos_weight = torch.tensor(float((ys == 0).sum() / (ys == 1).sum().clamp_min(1)))
@@ -147,6 +153,10 @@ def main() -> None:
     parser.add_argument("--labelled-per-kind", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--width", type=int, nargs=2, default=(16, 8), metavar=("INIT", "GROWTH"),
+        help="DenseNet init_features and growth_rate (16 8 = the study encoder's)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -158,14 +168,16 @@ def main() -> None:
     kinds = np.concatenate([tc["kinds"], ta["kinds"]])
     severity = np.concatenate([tc["severity"], ta["severity"]])
     scores = np.empty(len(x))
+    width = tuple(args.width)
+    net = f"DenseNet init_features/growth_rate {width[0]}/{width[1]}, {args.epochs} epochs"
     if args.mode == "kspace":  # every training volume counts as clean (unlabelled)
         bad = data["corrupted"]["x"]
         y = np.concatenate([np.zeros(len(tr["x"]), int), np.ones(len(bad), int)])
-        model = train_classifier(torch.cat([tr["x"], bad]), y, args.epochs, args.seed)
+        model = train_classifier(torch.cat([tr["x"], bad]), y, args.epochs, args.seed, width)
         scores[:] = volume_scores(model, x)
         protocol = (
             f"trained on 150 training volumes (as clean) vs {args.copies} 3-D k-space-corrupted "
-            f"copies each (augment=contrastive_all), light DenseNet, {args.epochs} epochs"
+            f"copies each (augment=contrastive_all), {net}"
         )
     elif args.labelled_seed is not None:  # train on another generated dataset, test on all
         more = load_slices(embedded=[
@@ -175,12 +187,12 @@ def main() -> None:
         lab = torch.cat([more["test_clean"]["x"], more["test_artifact"]["x"]])
         y = np.concatenate([more["test_clean"]["labels"], more["test_artifact"]["labels"]])
         model = train_classifier(torch.cat([tr["x"], lab]), np.concatenate([tr["labels"], y]),
-                                 args.epochs, args.seed)  # fmt: skip
+                                 args.epochs, args.seed, width)  # fmt: skip
         scores[:] = volume_scores(model, x)
         protocol = (
             f"trained on 150 labelled training volumes + a second generated set (seed "
             f"{args.labelled_seed}: {args.labelled_clean} clean, {args.labelled_per_kind} per "
-            f"kind), light DenseNet, {args.epochs} epochs"
+            f"kind), {net}"
         )
     else:
         fold = folds_of(kinds, args.folds, args.seed)
@@ -191,12 +203,10 @@ def main() -> None:
                 np.concatenate([tr["labels"], labels[fit]]),
                 args.epochs,
                 args.seed + f,
+                width,
             )
             scores[fold == f] = volume_scores(model, x[fold == f])
-        protocol = (
-            f"{args.folds}-fold CV over the 120 test volumes (+150 labelled train), "
-            f"light DenseNet, {args.epochs} epochs"
-        )
+        protocol = f"{args.folds}-fold CV over the 120 test volumes (+150 labelled train), {net}"
     clean = np.sort(scores[labels == 0])
     n_fp = int(np.floor(0.025 * len(clean)))  # specificity >= 97.5 %: at most 1 of 40 flagged
     thr = clean[len(clean) - 1 - n_fp]  # flag scores strictly above it

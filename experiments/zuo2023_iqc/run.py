@@ -49,8 +49,9 @@ STUDY = {
         "model.negatives=corrupted",
         f"contrastive.positive_nuisance={NUISANCE}",
     ],
-    # the flow embeds at the encoder's slice size (evaluation reads it from the flow run)
-    "flow_density": ["data.slice_size=112"],
+    # the flow embeds at the encoder's slice size (evaluation reads it from the flow run);
+    # the density is the equal mixture of 5 flows (one fit moved the AUROC by up to 0.02)
+    "flow_density": ["data.slice_size=112", "model.mixture=5"],
     "iqc_evaluate": [],
 }
 #: encoders in the study's ensemble (1 = the paper's single encoder; member k is trained with
@@ -133,10 +134,11 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     plan = QUICK if args.quick else STUDY
-    if plan is STUDY and args.nuisance != NUISANCE:
+    if args.nuisance != NUISANCE:  # replaces the study's; the quick plan gets it added
         nuisance = f"contrastive.positive_nuisance={args.nuisance}"
-        plan = {k: [nuisance if o.startswith("contrastive.positive_nuisance=") else o for o in v]
-                for k, v in STUDY.items()}  # fmt: skip
+        plan = {k: [o for o in v if not o.startswith("contrastive.positive_nuisance=")]
+                for k, v in plan.items()}  # fmt: skip
+        plan["encoder_contrastive"] = [*plan.get("encoder_contrastive", []), nuisance]
     n_encoders = args.encoders or (1 if args.quick else ENCODERS)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     timings, stages = {}, {}

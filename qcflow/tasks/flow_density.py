@@ -151,7 +151,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     if flow_config["mixture"] < 1:
         raise ConfigError(f"model.mixture must be >= 1 (flows in the mixture), got {mcfg.mixture}")
-    if int(mcfg.get("features", m.shape[1])) != m.shape[1]:
+    if mcfg.get("features") is not None and int(mcfg.features) != m.shape[1]:
         log.warning(
             "model.features=%s but the encoder gives d=%d; using d", mcfg.features, m.shape[1]
         )
