@@ -65,9 +65,10 @@ def load_slices(
 
     extra = [f"data.embedded.{o}" for o in embedded or []]
     cfg = compose_config(["experiment=iqc_evaluate", f"data.slice_size={SIZE}", *extra])
-    sampler = instantiate(
-        compose_config(["experiment=encoder_contrastive", "augment=contrastive_all"]).augment
-    )
+    sampler = None
+    if copies:  # the study's negatives
+        study = compose_config(["experiment=encoder_contrastive", "augment=contrastive_all"])
+        sampler = instantiate(study.augment)
     g = torch.Generator().manual_seed(seed)
     out = {}
     for split, label in (("train", 0), ("test_clean", 0), ("test_artifact", 1)):

@@ -105,9 +105,7 @@ class DensityFlow(nn.Module):
     def log_prob(self, m: Tensor) -> Tensor:
         """log p_M(m) for codes ``(N, d)`` (m-space, standardisation Jacobian included)."""
         x = self.standardize(m)
-        if not len(self.others):
-            return self.flow().log_prob(x) - self.std.log().sum()
-        per = torch.stack([f().log_prob(x) for f in self.flows])  # (K, N)
+        per = torch.stack([f().log_prob(x) for f in self.flows])  # (K, N); K = 1: exact
         return per.logsumexp(0) - math.log(len(per)) - self.std.log().sum()
 
     def forward(self, m: Tensor) -> Tensor:
