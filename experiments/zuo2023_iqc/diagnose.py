@@ -8,6 +8,8 @@ Two steps::
     python experiments/zuo2023_iqc/diagnose.py score /tmp/zdiag/seed0.pt --rep ax20 ax40 3o20
     python experiments/zuo2023_iqc/diagnose.py score /tmp/zdiag/seed0.pt /tmp/zdiag/seed1.pt
     python experiments/zuo2023_iqc/diagnose.py score A.pt B.pt C.pt --combine mean
+    # Gaussian / robust Gaussian / k-NN / KDE against single flows on the same codes
+    python experiments/zuo2023_iqc/diagnose.py densities A.pt B.pt C.pt
 
 ``RUN`` is an ``encoder_contrastive`` run folder. Representations (``--rep``): ``axN`` the
 mean code of the N central axial slices (``ax20`` = the study's), ``3o20`` the mean over the 20
@@ -197,6 +199,55 @@ def score(
         _shape(f, c)
 
 
+def densities(files: list[Path], flow_fits: int) -> None:
+    """Other density estimators than the flow on the same ``ax20`` codes (an ensemble: joint).
+
+    Gaussian (Mahalanobis), robust Gaussian (scikit-learn's MinCovDet), distance to the k-th
+    nearest training code, Gaussian KDE (bandwidths in standardised units), and ``flow_fits``
+    single flows -- each thresholded at the 5th percentile of its training scores, as the flow.
+    Whether the codes or the density estimator limit detection.
+    """
+    from scipy.spatial.distance import cdist
+    from sklearn.covariance import MinCovDet
+    from sklearn.neighbors import KernelDensity
+
+    from qcflow.qc import detection as det
+
+    torch.set_num_threads(1)
+    codes = [torch.load(f, weights_only=False) for f in files]
+    first = codes[0]
+    labels = np.array(first["test_clean"]["labels"] + first["test_artifact"]["labels"])
+    kinds = np.array(first["test_clean"]["kinds"] + first["test_artifact"]["kinds"])
+    tr = np.concatenate([_rep(c, "train", "ax20") for c in codes], 1)
+    te = np.concatenate(
+        [np.concatenate([_rep(c, "test_clean", "ax20"), _rep(c, "test_artifact", "ax20")])
+         for c in codes], 1,
+    )  # fmt: skip
+    mu, sd = tr.mean(0), tr.std(0)
+    trs, tes = (tr - mu) / sd, (te - mu) / sd
+    scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (train, test), high = typical
+    precision = np.linalg.inv(np.cov(trs.T))
+    scores["gaussian"] = tuple(-np.einsum("ij,jk,ik->i", x, precision, x) for x in (trs, tes))
+    mcd = MinCovDet(random_state=0).fit(trs)
+    scores["mcd"] = (-mcd.mahalanobis(trs), -mcd.mahalanobis(tes))
+    d_tr, d_te = cdist(trs, trs), cdist(tes, trs)
+    np.fill_diagonal(d_tr, np.inf)  # a training code is not its own neighbour
+    d_tr, d_te = np.sort(d_tr, 1), np.sort(d_te, 1)
+    for k in (1, 3, 5, 10):
+        scores[f"knn{k}"] = (-d_tr[:, k - 1], -d_te[:, k - 1])
+    for bw in (0.2, 0.4, 0.8):
+        kde = KernelDensity(bandwidth=bw).fit(trs)
+        scores[f"kde{bw}"] = (kde.score_samples(trs), kde.score_samples(tes))
+    for seed in range(flow_fits):
+        scores[f"flow{seed}"] = _fit_log_prob(tr, te, seed)
+    for name, (s_tr, s_te) in scores.items():
+        flag = s_te < np.quantile(s_tr, 0.05)
+        sens, spec = det.sensitivity_specificity(det.contingency(flag, labels))
+        never = np.mean([flag[kinds == k].mean() for k in NEVER])
+        print(f"{name:9s} AUROC {det.auroc(-s_te, labels):.3f}  sens {100 * sens:.1f}  "
+              f"spec {100 * spec:.1f}  never-simulated {100 * never:.1f}")  # fmt: skip
+
+
 def _shape(name: Path, codes: dict) -> None:
     """How one-dimensional the study code is, and what clean-scan nuisance it follows."""
     import pandas as pd
@@ -249,9 +300,14 @@ def main() -> None:
         help="ensemble: one flow on the concatenated codes (joint, the pipeline's) or the mean "
         "of per-member standardised log-densities (mean)",
     )  # fmt: skip
+    de = sub.add_parser("densities", help="other density estimators on the same codes")
+    de.add_argument("codes", type=Path, nargs="+")
+    de.add_argument("--flow-fits", type=int, default=3)
     args = parser.parse_args()
     if args.cmd == "embed":
         embed(args.run, args.out)
+    elif args.cmd == "densities":
+        densities(args.codes, args.flow_fits)
     else:
         score(args.codes, args.rep, args.flow_fits, args.combine, args.flow_mixture)
 
