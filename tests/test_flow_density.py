@@ -121,3 +121,34 @@ def test_mixture_round_trips_and_thresholds_are_its_percentiles(mixture, tmp_pat
     other.load_state_dict(torch.load(tmp_path / "flow.pt"))
     with torch.no_grad():
         torch.testing.assert_close(other.log_prob(m[:10]), density.log_prob(m[:10]))
+
+
+def test_flow_settings_read_the_model_config() -> None:
+    """The task and the study's diagnosis scripts build the flow from one reading of the config."""
+    from qcflow.api import compose_config
+    from qcflow.errors import ConfigError
+    from qcflow.tasks.flow_density import flow_settings
+
+    model = compose_config(
+        ["experiment=flow_density", "model.mixture=3", "model.hidden_features=[8]"]
+    ).model
+    flow_config, fit_kwargs = flow_settings(model, 6)
+    assert flow_config == {
+        "features": 6,
+        "transforms": 6,
+        "hidden_features": [8],
+        "taus": [0.05, 0.03],
+        "mixture": 3,
+    }
+    assert fit_kwargs == {
+        "epochs": 300,
+        "lr": 1e-3,
+        "batch_size": 256,
+        "weight_decay": 0.0,
+        "val_fraction": 0.2,
+    }
+    density = DensityFlow(**flow_config)
+    assert density.features == 6 and len(density.flows) == 3
+    bad = compose_config(["experiment=flow_density", "model.mixture=0"]).model
+    with pytest.raises(ConfigError, match="model.mixture"):
+        flow_settings(bad, 2)

@@ -99,16 +99,21 @@ def _fit_log_prob(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Log-densities of the training ``(N, d)`` and test ``(M, d)`` codes under one flow fit.
 
-    The study's flow setting (``conf/model/flow.yaml``): RealNVP, 6 couplings, hidden [32, 32],
-    early stopping on 20 % held-out codes; ``seed`` seeds the initialisation and the split;
-    ``mixture > 1`` fits the equal mixture of that many flows (``model.mixture``).
+    The study's flow setting, read from ``conf/model/flow.yaml`` as ``flow_density`` reads it
+    (RealNVP, 6 couplings, hidden [32, 32], early stopping on 20 % held-out codes); ``seed``
+    seeds the initialisation and the split; ``mixture > 1`` fits the equal mixture of that many
+    flows (``model.mixture``).
     """
+    from qcflow.api import compose_config
     from qcflow.models.flow import DensityFlow, fit_flow
+    from qcflow.tasks.flow_density import flow_settings
 
+    model = compose_config(["experiment=flow_density", f"model.mixture={mixture}"]).model
+    flow_config, fit_kwargs = flow_settings(model, tr.shape[1])
     torch.manual_seed(seed)
-    density = DensityFlow(tr.shape[1], 6, (32, 32), mixture=mixture)
-    fit_flow(density, torch.tensor(tr, dtype=torch.float32), epochs=300,
-             val_fraction=0.2, generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    density = DensityFlow(**flow_config)
+    fit_flow(density, torch.tensor(tr, dtype=torch.float32),
+             generator=torch.Generator().manual_seed(seed), **fit_kwargs)  # fmt: skip
     with torch.no_grad():
         ltr = density.log_prob(torch.tensor(tr, dtype=torch.float32)).double().numpy()
         lte = density.log_prob(torch.tensor(te, dtype=torch.float32)).double().numpy()

@@ -29,6 +29,9 @@ is far below the supervised ceiling, the negatives' physics is the gap.
 
     python experiments/zuo2023_iqc/oracle.py --mode supervised --out /tmp/oracle_supervised.json
     python experiments/zuo2023_iqc/oracle.py --mode kspace --out /tmp/oracle_kspace.json
+    # the same on 1 mm data (224 px slices; builds the 1 mm datasets on first use)
+    python experiments/zuo2023_iqc/oracle.py --mode supervised --labelled-seed 1 --spacing 1 \
+        --out /tmp/oracle_supervised_1mm.json
 
 Prints one JSON line and writes it to ``--out``.
 """
@@ -44,17 +47,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SIZE = 112
 N_SLICES = 20
 
 
+def slice_size(spacing: float) -> int:
+    """In-plane size of the study's axial slices at ``spacing`` mm: the 224 mm field of view
+    in full (112 px at the study's 2 mm, 224 px at 1 mm), nothing downsampled."""
+    return int(round(224.0 / spacing))
+
+
 def load_slices(
-    copies: int = 0, seed: int = 0, embedded: list[str] | None = None
+    copies: int = 0, seed: int = 0, embedded: list[str] | None = None, spacing: float = 2.0
 ) -> dict[str, dict]:
-    """Per split: ``(V, 20, 1, 112, 112)`` slices, labels, kinds, severities.
+    """Per split: ``(V, 20, 1, S, S)`` slices, labels, kinds, severities (``S``: ``slice_size``).
 
     ``copies > 0`` adds ``"corrupted"``: that many 3-D-corrupted copies of every training
-    volume (the study's negatives), ``(V * copies, 20, 1, 112, 112)``. ``embedded``: overrides
+    volume (the study's negatives), ``(V * copies, 20, 1, S, S)``. ``embedded``: overrides
     of ``data.embedded`` (another generated dataset; built on first use).
     """
     from hydra.utils import instantiate
@@ -64,7 +72,10 @@ def load_slices(
     from qcflow.tasks.iqc_evaluate import _load_set
 
     extra = [f"data.embedded.{o}" for o in embedded or []]
-    cfg = compose_config(["experiment=iqc_evaluate", f"data.slice_size={SIZE}", *extra])
+    size = slice_size(spacing)
+    cfg = compose_config(
+        ["experiment=iqc_evaluate", f"data.spacing={spacing}", f"data.slice_size={size}", *extra]
+    )
     sampler = None
     if copies:  # the study's negatives
         study = compose_config(["experiment=encoder_contrastive", "augment=contrastive_all"])
@@ -77,10 +88,10 @@ def load_slices(
         x, bad = [], []
         for i in range(len(volumes)):
             v = volumes.volume(i)["image"]
-            x.append(axial_stack(v, N_SLICES, SIZE))
+            x.append(axial_stack(v, N_SLICES, size))
             for _ in range(copies if split == "train" else 0):
                 y, _ = corrupt_volume(sampler, v, g, (cfg.data.spacing,) * 3)
-                bad.append(axial_stack(y, N_SLICES, SIZE))
+                bad.append(axial_stack(y, N_SLICES, size))
         if bad:
             out["corrupted"] = {"x": torch.stack(bad)}
         x = torch.stack(x)
@@ -104,19 +115,22 @@ def folds_of(kinds: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
 
 
 def train_classifier(
-    x: torch.Tensor, y: np.ndarray, epochs: int, seed: int, width: tuple[int, int] = (16, 8)
+    x: torch.Tensor, y: np.ndarray, epochs: int, seed: int, width: tuple[int, int] | None = None
 ) -> torch.nn.Module:
-    """The light DenseNet with one logit, trained on slices ``(V, n, 1, S, S)`` of labels ``y``.
+    """The study encoder's DenseNet with one logit, trained on slices ``(V, n, 1, S, S)``.
 
-    ``width``: ``(init_features, growth_rate)``; (16, 8) is ``encoder_light``'s.
+    The network is ``conf/model/encoder_light.yaml``'s (the study's encoder), with
+    ``latent_dim=1``; ``width`` = ``(init_features, growth_rate)`` replaces its widths.
     """
+    from qcflow.api import compose_config
     from qcflow.models.encoder import ArtifactEncoder
 
+    net = dict(compose_config(["experiment=encoder_contrastive"]).model.encoder)
+    net["latent_dim"] = 1
+    if width is not None:
+        net["init_features"], net["growth_rate"] = width
     torch.manual_seed(seed)
-    model = ArtifactEncoder(
-        latent_dim=1, init_features=width[0], growth_rate=width[1], block_config=(2, 2, 2, 2),
-        bn_size=2,
-    )  # fmt: skip
+    model = ArtifactEncoder(**net)
     xs = x.reshape(-1, *x.shape[2:])
     ys = torch.as_tensor(np.repeat(y, x.shape[1]), dtype=torch.float32)
     pos_weight = torch.tensor(float((ys == 0).sum() / (ys == 1).sum().clamp_min(1)))
@@ -155,22 +169,30 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--width", type=int, nargs=2, default=(16, 8), metavar=("INIT", "GROWTH"),
-        help="DenseNet init_features and growth_rate (16 8 = the study encoder's)",
+        "--width", type=int, nargs=2, default=None, metavar=("INIT", "GROWTH"),
+        help="DenseNet init_features and growth_rate (default: the study encoder's, 16 8)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--spacing", type=float, default=2.0,
+        help="voxel size (mm) of the embedded data: 2 = the study's; 1 builds 1 mm datasets "
+        "(~4 s per scan) and trains on 224 px slices",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    data = load_slices(args.copies if args.mode == "kspace" else 0, args.seed)
+    data = load_slices(args.copies if args.mode == "kspace" else 0, args.seed, spacing=args.spacing)
     tr, tc, ta = data["train"], data["test_clean"], data["test_artifact"]
     x = torch.cat([tc["x"], ta["x"]])
     labels = np.concatenate([tc["labels"], ta["labels"]])
     kinds = np.concatenate([tc["kinds"], ta["kinds"]])
     severity = np.concatenate([tc["severity"], ta["severity"]])
     scores = np.empty(len(x))
-    width = tuple(args.width)
-    net = f"DenseNet init_features/growth_rate {width[0]}/{width[1]}, {args.epochs} epochs"
+    width = None if args.width is None else tuple(args.width)
+    w = width or (16, 8)
+    net = f"DenseNet init_features/growth_rate {w[0]}/{w[1]}, {args.epochs} epochs"
+    if args.spacing != 2.0:
+        net += f", {args.spacing:g} mm ({slice_size(args.spacing)} px slices)"
     if args.mode == "kspace":  # every training volume counts as clean (unlabelled)
         bad = data["corrupted"]["x"]
         y = np.concatenate([np.zeros(len(tr["x"]), int), np.ones(len(bad), int)])
@@ -184,7 +206,7 @@ def main() -> None:
         more = load_slices(embedded=[
             f"seed={args.labelled_seed}", "n_subjects=1", f"n_test_clean={args.labelled_clean}",
             f"n_test_per_kind={args.labelled_per_kind}",
-        ])  # fmt: skip
+        ], spacing=args.spacing)  # fmt: skip
         lab = torch.cat([more["test_clean"]["x"], more["test_artifact"]["x"]])
         y = np.concatenate([more["test_clean"]["labels"], more["test_artifact"]["labels"]])
         model = train_classifier(torch.cat([tr["x"], lab]), np.concatenate([tr["labels"], y]),

@@ -41,6 +41,7 @@ __all__ = [
     "bundle_checkpoints",
     "embed_volumes",
     "load_flow",
+    "flow_settings",
     "write_codes",
     "read_codes",
 ]
@@ -115,6 +116,40 @@ def load_flow(run_dir: str | Path) -> tuple[DensityFlow, dict[str, Any]]:
     return density.eval(), bundle
 
 
+def flow_settings(mcfg: Any, features: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(DensityFlow kwargs, fit_flow kwargs)`` of a flow model config (``conf/model/flow.yaml``).
+
+    One reading of the config for the task and the study's diagnosis scripts. ``features`` is the
+    code dimension the encoder gives (``model.features`` is only checked against it).
+
+    Raises:
+        ConfigError: ``model.mixture < 1``.
+    """
+    flow_config = {
+        "features": int(features),
+        "transforms": int(mcfg.get("transforms", 6)),
+        "hidden_features": [int(h) for h in mcfg.get("hidden_features", [32, 32])],
+        "taus": [float(t) for t in mcfg.get("taus", [0.05, 0.03])],
+        "mixture": int(mcfg.get("mixture", 1)),
+    }
+    if flow_config["mixture"] < 1:
+        raise ConfigError(
+            f"model.mixture must be >= 1 (flows in the mixture), got {mcfg.get('mixture')}"
+        )
+    if mcfg.get("features") is not None and int(mcfg.get("features")) != features:
+        log.warning(
+            "model.features=%s but the encoder gives d=%d; using d", mcfg.features, features
+        )
+    fit_kwargs = {
+        "epochs": int(mcfg.get("epochs", 300)),
+        "lr": float(mcfg.get("lr", 1e-3)),
+        "batch_size": int(mcfg.get("batch_size", 256)),
+        "weight_decay": float(mcfg.get("weight_decay", 0.0)),
+        "val_fraction": float(mcfg.get("val_fraction", 0.0)),
+    }
+    return flow_config, fit_kwargs
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit the flow; returns NLL, thresholds, sizes and the skipped scans."""
     t0 = time.perf_counter()
@@ -141,32 +176,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     codes = embed_volumes(encoder, volumes, n_central, size, int(fcfg.get("batch_size", 64)))
     m = torch.as_tensor(codes, dtype=torch.float32)
 
-    mcfg = cfg.model
-    flow_config = {
-        "features": int(m.shape[1]),
-        "transforms": int(mcfg.get("transforms", 6)),
-        "hidden_features": [int(h) for h in mcfg.get("hidden_features", [64, 64])],
-        "taus": [float(t) for t in mcfg.get("taus", [0.05, 0.03])],
-        "mixture": int(mcfg.get("mixture", 1)),
-    }
-    if flow_config["mixture"] < 1:
-        raise ConfigError(f"model.mixture must be >= 1 (flows in the mixture), got {mcfg.mixture}")
-    if mcfg.get("features") is not None and int(mcfg.features) != m.shape[1]:
-        log.warning(
-            "model.features=%s but the encoder gives d=%d; using d", mcfg.features, m.shape[1]
-        )
+    flow_config, fit_kwargs = flow_settings(cfg.model, int(m.shape[1]))
     density = DensityFlow(**flow_config)
-    fast = bool(cfg.get("trainer", {}).get("fast_dev_run", False))  # debug=fast: one epoch
-    fit = fit_flow(
-        density,
-        m,
-        epochs=1 if fast else int(mcfg.get("epochs", 300)),
-        lr=float(mcfg.get("lr", 1e-3)),
-        batch_size=int(mcfg.get("batch_size", 256)),
-        weight_decay=float(mcfg.get("weight_decay", 0.0)),
-        val_fraction=float(mcfg.get("val_fraction", 0.0)),
-        generator=torch.Generator().manual_seed(seed),
-    )
+    if cfg.get("trainer", {}).get("fast_dev_run", False):  # debug=fast: one epoch
+        fit_kwargs["epochs"] = 1
+    fit = fit_flow(density, m, generator=torch.Generator().manual_seed(seed), **fit_kwargs)
     thresholds = density.set_thresholds(m)
     with torch.no_grad():
         logp = density.log_prob(m).double().numpy()
