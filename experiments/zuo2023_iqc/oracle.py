@@ -2,7 +2,8 @@
 
 Diagnosis, not method A. Both use the study encoder's light DenseNet
 (``conf/model/encoder_light.yaml``) with one output logit on the study's input (the 20 central
-axial slices at 112 px, the same preprocessing); a volume scores the mean logit of its slices.
+axial slices at 112 px, the same preprocessing; ``--spacing 1``: the same 40 mm of anatomy in
+40 slices of 224 px of 1 mm data); a volume scores the mean logit of its slices.
 
 ``--mode supervised`` (uses the test set's artifact labels, method A does not): how well can
 this architecture tell the embedded test artifacts from clean scans when it is trained on
@@ -47,22 +48,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-N_SLICES = 20
 
-
-def slice_size(spacing: float) -> int:
-    """In-plane size of the study's axial slices at ``spacing`` mm: the 224 mm field of view
-    in full (112 px at the study's 2 mm, 224 px at 1 mm), nothing downsampled."""
-    return int(round(224.0 / spacing))
+def slice_geometry(spacing: float) -> tuple[int, int]:
+    """``(slices, size)`` of the study's input at ``spacing`` mm: the central 40 mm of axial
+    slices (the study's 20 at 2 mm, 40 at 1 mm) at the full 224 mm field of view (112 px at
+    2 mm, 224 px at 1 mm): the same anatomy at every spacing, nothing downsampled."""
+    return int(round(40.0 / spacing)), int(round(224.0 / spacing))
 
 
 def load_slices(
     copies: int = 0, seed: int = 0, embedded: list[str] | None = None, spacing: float = 2.0
 ) -> dict[str, dict]:
-    """Per split: ``(V, 20, 1, S, S)`` slices, labels, kinds, severities (``S``: ``slice_size``).
+    """Per split: ``(V, n, 1, S, S)`` slices (``slice_geometry``), labels, kinds, severities.
 
     ``copies > 0`` adds ``"corrupted"``: that many 3-D-corrupted copies of every training
-    volume (the study's negatives), ``(V * copies, 20, 1, S, S)``. ``embedded``: overrides
+    volume (the study's negatives), ``(V * copies, n, 1, S, S)``. ``embedded``: overrides
     of ``data.embedded`` (another generated dataset; built on first use).
     """
     from hydra.utils import instantiate
@@ -72,7 +72,7 @@ def load_slices(
     from qcflow.tasks.iqc_evaluate import _load_set
 
     extra = [f"data.embedded.{o}" for o in embedded or []]
-    size = slice_size(spacing)
+    n_slices, size = slice_geometry(spacing)
     cfg = compose_config(
         ["experiment=iqc_evaluate", f"data.spacing={spacing}", f"data.slice_size={size}", *extra]
     )
@@ -88,10 +88,10 @@ def load_slices(
         x, bad = [], []
         for i in range(len(volumes)):
             v = volumes.volume(i)["image"]
-            x.append(axial_stack(v, N_SLICES, size))
+            x.append(axial_stack(v, n_slices, size))
             for _ in range(copies if split == "train" else 0):
                 y, _ = corrupt_volume(sampler, v, g, (cfg.data.spacing,) * 3)
-                bad.append(axial_stack(y, N_SLICES, size))
+                bad.append(axial_stack(y, n_slices, size))
         if bad:
             out["corrupted"] = {"x": torch.stack(bad)}
         x = torch.stack(x)
@@ -192,7 +192,8 @@ def main() -> None:
     w = width or (16, 8)
     net = f"DenseNet init_features/growth_rate {w[0]}/{w[1]}, {args.epochs} epochs"
     if args.spacing != 2.0:
-        net += f", {args.spacing:g} mm ({slice_size(args.spacing)} px slices)"
+        n, size = slice_geometry(args.spacing)
+        net += f", {args.spacing:g} mm data ({n} central slices of {size} px)"
     if args.mode == "kspace":  # every training volume counts as clean (unlabelled)
         bad = data["corrupted"]["x"]
         y = np.concatenate([np.zeros(len(tr["x"]), int), np.ones(len(bad), int)])
