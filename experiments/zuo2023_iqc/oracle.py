@@ -81,17 +81,21 @@ def load_slices(
         study = compose_config(["experiment=encoder_contrastive", "augment=contrastive_all"])
         sampler = instantiate(study.augment)
     g = torch.Generator().manual_seed(seed)
+    # memory: at 1 mm the 630 volumes' slices are 5 GB in float32 (kept in float16 there, cast
+    # back per batch) and the volumes themselves are 33 MB each (read, sliced, dropped)
+    dtype = torch.float32 if spacing >= 2.0 else torch.float16
     out = {}
     for split, label in (("train", 0), ("test_clean", 0), ("test_artifact", 1)):
         s = _load_set(cfg, split, None, label)
         volumes = s["dm"]._volumes(s["dm"].scans)
+        volumes.in_memory = False
         x, bad = [], []
         for i in range(len(volumes)):
             v = volumes.volume(i)["image"]
-            x.append(axial_stack(v, n_slices, size))
+            x.append(axial_stack(v, n_slices, size).to(dtype))
             for _ in range(copies if split == "train" else 0):
                 y, _ = corrupt_volume(sampler, v, g, (cfg.data.spacing,) * 3)
-                bad.append(axial_stack(y, n_slices, size))
+                bad.append(axial_stack(y, n_slices, size).to(dtype))
         if bad:
             out["corrupted"] = {"x": torch.stack(bad)}
         x = torch.stack(x)
@@ -142,7 +146,7 @@ def train_classifier(
         for i in range(0, len(xs), 32):
             b = perm[i : i + 32]
             loss = F.binary_cross_entropy_with_logits(
-                model(xs[b])[:, 0], ys[b], pos_weight=pos_weight
+                model(xs[b].float())[:, 0], ys[b], pos_weight=pos_weight
             )
             opt.zero_grad()
             loss.backward()
@@ -153,7 +157,7 @@ def train_classifier(
 @torch.no_grad()
 def volume_scores(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     """Mean slice logit per volume of ``(V, n, 1, S, S)``."""
-    return np.array([float(model(v)[:, 0].mean()) for v in x])
+    return np.array([float(model(v.float())[:, 0].mean()) for v in x])
 
 
 def main() -> None:
