@@ -328,3 +328,25 @@ def test_corrupt_volume_keeps_through_plane_motion() -> None:
     # rotations about the in-plane axes (through-plane motion) stay, unlike corrupt_slice
     assert all(d[0] == 5.0 and d[1] == 5.0 for d in record["params"]["motion"]["degrees"])
     assert not torch.allclose(y, vol, atol=1e-2)
+
+
+def test_densenet121_setting_is_monais_densenet121() -> None:
+    """``model=encoder_densenet121`` (the paper's network, a GPU setting) builds MONAI's
+    DenseNet-121 -- same layers and parameter count -- and maps slices to d = 2 codes."""
+    from hydra.utils import instantiate
+    from monai.networks.nets import DenseNet121
+
+    from qcflow.api import compose_config
+
+    cfg = compose_config(["experiment=encoder_contrastive", "model=encoder_densenet121"])
+    module = instantiate(cfg.model, _convert_="all")  # as the task builds it
+    net = module.encoder.net
+    reference = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2)
+    layers = [type(m).__name__ for m in list(net.modules())[1:]]  # [0]: the class itself
+    assert layers == [type(m).__name__ for m in list(reference.modules())[1:]]
+    assert layers.count("_DenseLayer") == 6 + 12 + 24 + 16
+    n_params = sum(p.numel() for p in net.parameters())
+    assert n_params == sum(p.numel() for p in reference.parameters())
+    assert 6.9e6 < n_params < 7.0e6  # DenseNet-121's ~6.96 M (1 input channel, 2 outputs)
+    with torch.no_grad():
+        assert module.encoder.eval()(torch.rand(2, 1, 64, 64)).shape == (2, 2)
