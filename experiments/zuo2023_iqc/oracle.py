@@ -161,6 +161,7 @@ def volume_scores(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
 
 
 def main() -> None:
+    from qcflow.api import compose_config
     from qcflow.qc import detection as det
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -193,7 +194,8 @@ def main() -> None:
     severity = np.concatenate([tc["severity"], ta["severity"]])
     scores = np.empty(len(x))
     width = None if args.width is None else tuple(args.width)
-    w = width or (16, 8)
+    light = compose_config(["experiment=encoder_contrastive"]).model.encoder
+    w = width or (light.init_features, light.growth_rate)
     net = f"DenseNet init_features/growth_rate {w[0]}/{w[1]}, {args.epochs} epochs"
     if args.spacing != 2.0:
         n, size = slice_geometry(args.spacing)
