@@ -29,6 +29,7 @@ the clean scans' simulated SNR and bias ratio (``artifacts.tsv``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -94,6 +95,14 @@ def _rep(codes: dict, split: str, how: str) -> np.ndarray:
     raise ValueError(f"unknown representation {how!r}")
 
 
+@functools.cache
+def _flow_model(mixture: int):  # -> the composed DictConfig's ``model``
+    """``conf/model/flow.yaml`` as ``flow_density`` composes it, with ``model.mixture``."""
+    from qcflow.api import compose_config
+
+    return compose_config(["experiment=flow_density", f"model.mixture={mixture}"]).model
+
+
 def _fit_log_prob(
     tr: np.ndarray, te: np.ndarray, seed: int, mixture: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -104,12 +113,10 @@ def _fit_log_prob(
     seeds the initialisation and the split; ``mixture > 1`` fits the equal mixture of that many
     flows (``model.mixture``).
     """
-    from qcflow.api import compose_config
     from qcflow.models.flow import DensityFlow, fit_flow
     from qcflow.tasks.flow_density import flow_settings
 
-    model = compose_config(["experiment=flow_density", f"model.mixture={mixture}"]).model
-    flow_config, fit_kwargs = flow_settings(model, tr.shape[1])
+    flow_config, fit_kwargs = flow_settings(_flow_model(mixture), tr.shape[1])
     torch.manual_seed(seed)
     density = DensityFlow(**flow_config)
     fit_flow(density, torch.tensor(tr, dtype=torch.float32),

@@ -40,6 +40,7 @@ Prints one JSON line and writes it to ``--out``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -118,6 +119,15 @@ def folds_of(kinds: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     return fold
 
 
+@functools.cache
+def study_network() -> dict:
+    """``ArtifactEncoder`` arguments of the study's encoder (``conf/model/encoder_light.yaml``);
+    cached, so callers copy it before changing it."""
+    from qcflow.api import compose_config
+
+    return dict(compose_config(["experiment=encoder_contrastive"]).model.encoder)
+
+
 def train_classifier(
     x: torch.Tensor, y: np.ndarray, epochs: int, seed: int, width: tuple[int, int] | None = None
 ) -> torch.nn.Module:
@@ -126,11 +136,9 @@ def train_classifier(
     The network is ``conf/model/encoder_light.yaml``'s (the study's encoder), with
     ``latent_dim=1``; ``width`` = ``(init_features, growth_rate)`` replaces its widths.
     """
-    from qcflow.api import compose_config
     from qcflow.models.encoder import ArtifactEncoder
 
-    net = dict(compose_config(["experiment=encoder_contrastive"]).model.encoder)
-    net["latent_dim"] = 1
+    net = {**study_network(), "latent_dim": 1}
     if width is not None:
         net["init_features"], net["growth_rate"] = width
     torch.manual_seed(seed)
@@ -161,7 +169,6 @@ def volume_scores(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
 
 
 def main() -> None:
-    from qcflow.api import compose_config
     from qcflow.qc import detection as det
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -194,8 +201,8 @@ def main() -> None:
     severity = np.concatenate([tc["severity"], ta["severity"]])
     scores = np.empty(len(x))
     width = None if args.width is None else tuple(args.width)
-    light = compose_config(["experiment=encoder_contrastive"]).model.encoder
-    w = width or (light.init_features, light.growth_rate)
+    light = study_network()
+    w = width or (light["init_features"], light["growth_rate"])
     net = f"DenseNet init_features/growth_rate {w[0]}/{w[1]}, {args.epochs} epochs"
     if args.spacing != 2.0:
         n, size = slice_geometry(args.spacing)
