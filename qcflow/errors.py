@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["QCFlowError", "ScanError", "ConfigError"]
+__all__ = ["QCFlowError", "ScanError", "ConfigError", "BadFileError"]
 
 
 class QCFlowError(Exception):
@@ -25,3 +25,19 @@ class ScanError(QCFlowError, ValueError):
 
 class ConfigError(QCFlowError, ValueError):
     """The configuration is invalid (unknown task, impossible value, missing model...)."""
+
+
+class BadFileError(QCFlowError, ValueError):
+    """A file qcflow was given to load (a model bundle, a checkpoint) is unusable.
+
+    ``str(exc)`` is ``"<path>: <reason>"``, one line.
+
+    Args:
+        path: the offending file.
+        reason: short, lower-case description of what is wrong with it.
+    """
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")

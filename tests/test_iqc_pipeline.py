@@ -145,7 +145,6 @@ def test_flow_evaluate_and_score_with_an_encoder_ensemble(
     encoder_run: Path, tmp_path: Path
 ) -> None:
     """flow.encoder_ckpt as a list: concatenated codes, a 2d-dimensional flow, all members kept."""
-    import torch
 
     from qcflow.qc.scorers import DensityScorer
     from qcflow.tasks import flow_density, iqc_evaluate
@@ -161,7 +160,7 @@ def test_flow_evaluate_and_score_with_an_encoder_ensemble(
     assert [c for c in codes.columns if c.startswith("m")] == ["m1", "m2", "m3", "m4"]
     # the same encoder twice: each member's code is the single encoder's code
     assert (codes[["m1", "m2"]].to_numpy() == codes[["m3", "m4"]].to_numpy()).all()
-    bundle = torch.load(flow_dir / "flow.pt", weights_only=False)
+    _, bundle = flow_density.load_flow(flow_dir)
     assert bundle["flow_config"]["features"] == 4 and len(bundle["encoder_checkpoints"]) == 2
 
     cfg = compose_cfg(

@@ -76,7 +76,7 @@ def test_validate_scan_reports_without_raising(
     if name not in expected:
         pytest.skip("symbolic links unsupported here")
     row = validate_scan(folder / name)
-    assert set(row) == {"path", "status", "reason", "shape", "voxel_size"}
+    assert set(row) == {"path", "status", "reason", "shape", "voxel_size", "warning"}
     assert row["status"] == "error"
     assert BAD_SCAN_KINDS[name] in row["reason"]
     assert row["path"] == str(folder / name)
@@ -109,6 +109,7 @@ def test_good_scan_passes(good_scan: Path) -> None:
         "reason": "",
         "shape": "32x36x30",
         "voxel_size": "2.00x2.00x2.00",
+        "warning": "",
     }
 
 

@@ -168,7 +168,7 @@ def test_segmentation_ddp_two_processes(small_embedded: Path, tmp_path: Path) ->
     assert steps > 0 and ranks[1]["global_step"] == steps
     # the same weights, schedule state and learning rate on both ranks, and in the checkpoint
     assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert _state_sha(ckpt["state_dict"]) == ranks[0]["params_sha256"]
     assert ranks[0]["eps"] == ranks[1]["eps"] == 0.025  # halved once, at epoch 2
     assert ranks[0]["lr"] == ranks[1]["lr"]

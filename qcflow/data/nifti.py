@@ -1,11 +1,17 @@
 """NIfTI reading with validation: every way a T1w file can be unusable gives a one-line reason.
 
-:func:`load_nifti` is the only reader the rest of qcflow should use for input scans. It reads the
-whole file (so a truncated or corrupt gzip stream is detected, CRC included, instead of surfacing
-as garbage voxels later), decides compression from the content rather than the extension, parses
-the NIfTI-1/NIfTI-2 header with nibabel, and runs the checks listed in :data:`HEADER_CHECKS` and
-:data:`DATA_CHECKS`. A failure raises :class:`~qcflow.errors.ScanError` whose message is
-``"<path>: <reason>"``; :func:`validate_scan` turns the same checks into a report row instead.
+:func:`load_nifti` is the only reader the rest of qcflow should use for input scans. Files come from
+other people, so reading is bounded: only regular files are opened (a FIFO, ``/dev/zero`` behind a
+symbolic link or a socket is refused, never waited on or read), compression is decided from the
+content rather than the extension, the header is parsed (nibabel) and checked
+(:data:`HEADER_CHECKS`) from its first 540 decompressed bytes, and only then are exactly the voxel
+bytes the header claims read -- after comparing that claim with a cap (:func:`max_scan_bytes`).
+A gzip stream is inflated incrementally to that size and then to its end within
+:data:`GZIP_SLACK_BYTES` (which verifies its CRC and length, so a truncated or corrupt stream is
+detected instead of surfacing as garbage voxels), so a decompression bomb costs what its header
+claims and no more. The voxels then pass :data:`DATA_CHECKS`. A failure raises
+:class:`~qcflow.errors.ScanError` whose message is ``"<path>: <reason>"``; :func:`validate_scan`
+turns the same checks into a report row instead.
 
 Example:
     >>> data, affine = load_volume("sub-001_T1w.nii.gz")  # doctest: +SKIP
@@ -15,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import gzip
 import io
 import logging
 import math
@@ -31,6 +36,7 @@ import numpy as np
 from nibabel.funcs import squeeze_image
 
 from qcflow.errors import ScanError
+from qcflow.utils.io import NotRegularFileError, open_regular
 
 __all__ = [
     "load_nifti",
@@ -43,10 +49,24 @@ __all__ = [
     "MAX_DIM",
     "MIN_VOXEL_MM",
     "MAX_VOXEL_MM",
+    "MAX_FOV_MM",
+    "DEFAULT_MAX_SCAN_MB",
+    "GZIP_SLACK_BYTES",
+    "max_scan_bytes",
 ]
 
 #: plausible spatial dimension range (voxels) of a structural brain scan
 MIN_DIM, MAX_DIM = 8, 2048
+#: largest plausible field of view (mm) along any axis: a whole head with neck is ~300 mm
+MAX_FOV_MM = 500.0
+#: default cap (MB) on the voxel data a header may claim; a 0.5 mm whole-head float64 scan is
+#: ~400 MB. ``data.max_scan_mb`` / ``QCFLOW_MAX_SCAN_MB`` change it
+DEFAULT_MAX_SCAN_MB = 512
+#: how far a gzip stream may inflate past the data its header claims (trailing bytes)
+GZIP_SLACK_BYTES = 1 << 20
+#: bytes read before anything else: a NIfTI-2 header (NIfTI-1: 348 + 4)
+_HEADER_BYTES = 540
+_LIMIT_HINT = "raise it with data.max_scan_mb=..."
 #: plausible voxel size range (mm)
 MIN_VOXEL_MM, MAX_VOXEL_MM = 0.1, 20.0
 
@@ -94,34 +114,117 @@ class HeaderInfo:
 
 
 # --------------------------------------------------------------------------------------------
-# Reading: file -> bytes -> nibabel image
+# Reading: file -> header -> bounded voxel bytes -> nibabel image
 # --------------------------------------------------------------------------------------------
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The file's (decompressed) content; compression is detected from the gzip magic bytes."""
-    if not path.exists():
-        if path.is_symlink():
-            raise ScanError(path, f"file not found (broken symbolic link to {os.readlink(path)})")
-        raise ScanError(path, "file not found")
-    if path.is_dir():
-        raise ScanError(path, "is a folder, not a NIfTI file")
+def max_scan_bytes() -> int:
+    """The largest voxel data (bytes) a scan's header may claim: ``QCFLOW_MAX_SCAN_MB`` or
+    :data:`DEFAULT_MAX_SCAN_MB` (config: ``data.max_scan_mb``, which tasks export to it)."""
+    text = os.environ.get("QCFLOW_MAX_SCAN_MB", "")
     try:
-        raw = path.read_bytes()
+        mb = float(text) if text.strip() else DEFAULT_MAX_SCAN_MB
+    except ValueError:
+        mb = DEFAULT_MAX_SCAN_MB
+    return int(max(mb, 1.0) * 2**20)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB" if n < 2**30 else f"{n / 2**30:,.1f} GB"
+
+
+class _GzipError(Exception):
+    """The gzip stream is truncated or corrupt."""
+
+
+class _Plain:
+    """Bytes of an uncompressed file, from its current position (after ``first``)."""
+
+    def __init__(self, f: Any, first: bytes) -> None:
+        self.f, self.pending = f, first
+
+    def read(self, n: int) -> bytes:
+        head, self.pending = self.pending[:n], self.pending[n:]
+        return head + (self.f.read(n - len(head)) if n > len(head) else b"")
+
+    def finish(self, slack: int) -> None:
+        """Nothing to check: the bytes after the voxel data are never read."""
+
+
+class _Inflater:
+    """Decompressed bytes of a (multi-member) gzip file, inflated only as far as asked.
+
+    ``read(n)`` never inflates more than ``n`` bytes (``zlib``'s ``max_length``), so a stream
+    that inflates to gigabytes costs only what the header claims; ``finish`` inflates at most
+    ``slack`` more bytes to reach the end of the stream, which verifies every member's CRC-32
+    and length, and refuses a stream that goes on (a decompression bomb).
+    """
+
+    CHUNK = 1 << 16
+    OUT_CHUNK = 16 << 20
+
+    def __init__(self, f: Any, first: bytes) -> None:
+        self.f, self.pending = f, first
+        self.d = zlib.decompressobj(wbits=31)  # gzip wrapper: header, CRC-32 and length checked
+        self.done = False
+
+    def _input(self) -> bytes:
+        data, self.pending = self.pending, b""
+        return data or self.f.read(self.CHUNK)
+
+    def read(self, n: int) -> bytes:
+        chunks: list[bytes] = []
+        got = 0
+        while got < n and not self.done:
+            if self.d.eof:  # end of a member: another member, zero padding or the end
+                tail = self.d.unused_data or self._input()
+                if not tail:
+                    self.done = True
+                elif tail[:2] == _GZIP_MAGIC or len(tail) < 2:
+                    self.d, self.pending = zlib.decompressobj(wbits=31), tail
+                elif not tail.strip(b"\0") and not self.f.read(self.CHUNK).strip(b"\0"):
+                    self.done = True  # zero padding after the last member (tape/NFS tools)
+                else:
+                    raise _GzipError("trailing garbage after the gzip stream")
+                continue
+            data = self.d.unconsumed_tail or self._input()
+            if not data:
+                raise _GzipError("gzip stream ends early")
+            try:  # at most OUT_CHUNK bytes per call: a bomb never inflates past what is asked
+                out = self.d.decompress(data, min(n - got, self.OUT_CHUNK))
+            except zlib.error as exc:
+                raise _GzipError(str(exc)) from None
+            chunks.append(out)
+            got += len(out)
+        return b"".join(chunks)
+
+    def finish(self, slack: int) -> None:
+        extra = self.read(slack + 1)
+        if len(extra) > slack or not self.done:
+            raise _BombError
+
+
+class _BombError(Exception):
+    """The gzip stream inflates well past the size its header describes."""
+
+
+def _open_scan(path: Path) -> Any:
+    """The file opened for reading; only a regular file (after links), never blocking."""
+    try:
+        return open_regular(path)
+    except FileNotFoundError:
+        if path.is_symlink():
+            target = os.readlink(path)
+            raise ScanError(path, f"file not found (broken symbolic link to {target})") from None
+        raise ScanError(path, "file not found") from None
+    except NotRegularFileError as exc:
+        if path.is_dir():
+            raise ScanError(path, "is a folder, not a NIfTI file") from None
+        raise ScanError(path, f"{exc}; expected a NIfTI file") from None
     except PermissionError:
         raise ScanError(path, "cannot read file (permission denied)") from None
     except OSError as exc:
         raise ScanError(path, f"cannot read file ({exc.strerror or exc})") from None
-    if not raw:
-        raise ScanError(path, "empty file (0 bytes)")
-    if raw[:2] != _GZIP_MAGIC:
-        return raw
-    try:
-        # decompressing everything verifies the CRC and length trailer: a partial download or
-        # garbled bytes fail here instead of producing wrong voxels
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error):
-        raise ScanError(path, "truncated or corrupt gzip stream") from None
 
 
 def _not_nifti_reason(raw: bytes) -> str:
@@ -134,39 +237,56 @@ def _not_nifti_reason(raw: bytes) -> str:
     return "not a NIfTI file (no NIfTI-1/NIfTI-2 header)"
 
 
-def _parse(path: Path, raw: bytes) -> tuple[nib.Nifti1Image, HeaderInfo]:
-    """Parse a single-file NIfTI-1/NIfTI-2 image from its decompressed bytes (data stay lazy)."""
-    if raw[4:8] == _NIFTI2_MAGIC and len(raw) >= 540:
+@dataclass
+class _Header:
+    klass: type[nib.Nifti1Image]
+    header: Any
+    info: HeaderInfo
+    offset: int
+    n_bytes: int
+
+
+def _parse_header(path: Path, head: bytes) -> _Header:
+    """The NIfTI-1/NIfTI-2 header at the start of ``head`` (the first decompressed bytes)."""
+    if head[4:8] == _NIFTI2_MAGIC and len(head) >= 540:
         klass: type[nib.Nifti1Image] = nib.Nifti2Image
-    elif raw[344:348] == _NIFTI1_MAGIC:
+    elif head[344:348] == _NIFTI1_MAGIC:
         klass = nib.Nifti1Image
-    elif raw[344:348] == _NIFTI1_PAIR_MAGIC:
+    elif head[344:348] == _NIFTI1_PAIR_MAGIC:
         raise ScanError(path, "header of a .hdr/.img pair; convert it to a single .nii.gz file")
     else:
-        raise ScanError(path, _not_nifti_reason(raw))
+        raise ScanError(path, _not_nifti_reason(head))
     try:
-        header = klass.header_class.from_fileobj(io.BytesIO(raw), check=False)
+        header = klass.header_class.from_fileobj(io.BytesIO(head), check=False)
         shape = tuple(int(n) for n in header.get_data_shape())
         pixdim = tuple(float(z) for z in header["pixdim"][1 : 1 + min(len(shape), 3)])
         # nibabel's usual repairs (what from_bytes does), logged quietly: the checks below
         # judge the header as written, and a repair note per scan would only add noise
         header.check_fix(logger=_FIX_LOG, error_level=40)
-        proxy = klass.ImageArrayProxy(io.BytesIO(raw), header.copy(), mmap=False)
-        img = klass(proxy, header.get_best_affine(), header)
         info = HeaderInfo(
             shape=shape,
             pixdim=pixdim,
-            affine=np.asarray(img.affine, dtype=np.float64),
+            affine=np.asarray(header.get_best_affine(), dtype=np.float64),
             dtype=header.get_data_dtype(),
         )
-        n_bytes = int(np.prod(shape, dtype=np.int64)) * info.dtype.itemsize
+        # Python integers: a hostile shape cannot overflow the size computation
+        n_bytes = math.prod(max(n, 0) for n in shape) * info.dtype.itemsize
         offset = int(header.get_data_offset())
     except Exception as exc:  # nibabel raises many types for a bad header
         raise ScanError(path, f"unreadable NIfTI header ({_one_line(exc)})") from None
-    if len(raw) < offset + n_bytes:
-        found = max(len(raw) - offset, 0)
-        raise ScanError(path, f"truncated data: expected {n_bytes} bytes, found {found}")
-    return img, info
+    return _Header(klass, header, info, offset, n_bytes)
+
+
+def _image(path: Path, h: _Header, raw: bytes) -> nib.Nifti1Image:
+    """The image of the bytes read (header + voxel data; data stay lazy until asked for)."""
+    if len(raw) < h.offset + h.n_bytes:
+        found = max(len(raw) - h.offset, 0)
+        raise ScanError(path, f"truncated data: expected {h.n_bytes} bytes, found {found}")
+    try:
+        proxy = h.klass.ImageArrayProxy(io.BytesIO(raw), h.header.copy(), mmap=False)
+        return h.klass(proxy, h.header.get_best_affine(), h.header)
+    except Exception as exc:
+        raise ScanError(path, f"unreadable NIfTI header ({_one_line(exc)})") from None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -249,6 +369,17 @@ def _check_voxel_size(h: HeaderInfo) -> str | None:
     return None
 
 
+def _check_fov(h: HeaderInfo) -> str | None:
+    fov = [n * z for n, z in zip(h.shape[:3], h.voxel_size, strict=False)]
+    if any(f > MAX_FOV_MM for f in fov):
+        return (
+            f"implausible field of view {'x'.join(f'{f:.0f}' for f in fov)} mm "
+            f"(shape {_fmt_shape(h.shape[:3])} at {_fmt_zooms(h.voxel_size)} mm; a head is "
+            f"at most {MAX_FOV_MM:.0f} mm)"
+        )
+    return None
+
+
 def _check_dtype(h: HeaderInfo) -> str | None:
     dtype = h.dtype
     if dtype.fields is not None or not (
@@ -283,6 +414,13 @@ def _check_constant(data: np.ndarray) -> str | None:
     return f"constant image (every voxel is {float(lo):g})"
 
 
+def _intensity_warning(data: np.ndarray) -> str | None:
+    """A usable but suspicious scan: every voxel <= 0 (an inverted or sign-flipped image)."""
+    if float(data.max()) <= 0:
+        return "every intensity is <= 0 (inverted or sign-flipped image?)"
+    return None
+
+
 #: checks on the header, in order, before any voxel is read
 HEADER_CHECKS: tuple[Callable[[HeaderInfo], str | None], ...] = (
     _check_size,
@@ -291,6 +429,7 @@ HEADER_CHECKS: tuple[Callable[[HeaderInfo], str | None], ...] = (
     _check_pixdim,
     _check_affine,
     _check_voxel_size,
+    _check_fov,
     _check_dtype,
 )
 #: checks on the (scaled) voxel array, in order
@@ -302,16 +441,65 @@ DATA_CHECKS: tuple[Callable[[np.ndarray], str | None], ...] = (_check_finite, _c
 # --------------------------------------------------------------------------------------------
 
 
-def _load_checked(path: str | Path, info: dict[str, str], label: bool = False) -> nib.Nifti1Image:
-    """:func:`load_nifti`, filling ``info['shape']``/``info['voxel_size']`` once they are known."""
+def _load_checked(
+    path: str | Path,
+    info: dict[str, str],
+    label: bool = False,
+    max_bytes: int | None = None,
+) -> nib.Nifti1Image:
+    """:func:`load_nifti`, filling ``info['shape']``/``info['voxel_size']`` once they are known.
+
+    Order: open (regular files only) -> the header alone (the first 540 decompressed bytes) ->
+    :data:`HEADER_CHECKS` and the size cap -> exactly the voxel bytes the header claims -> the
+    end of a gzip stream within :data:`GZIP_SLACK_BYTES` -> :data:`DATA_CHECKS`. Peak memory is
+    bounded by the claimed size, which the cap bounds, whatever the file holds.
+    """
     path = Path(path)
-    img, header = _parse(path, _read_bytes(path))
-    info["shape"] = _fmt_shape(header.shape)
-    info["voxel_size"] = _fmt_zooms(header.voxel_size)
-    for check in HEADER_CHECKS:
-        reason = check(header)
-        if reason:
-            raise ScanError(path, reason)
+    cap = max_scan_bytes() if max_bytes is None else int(max_bytes)
+    with _open_scan(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise ScanError(path, "empty file (0 bytes)")
+        if size > cap + _HEADER_BYTES + GZIP_SLACK_BYTES:
+            raise ScanError(
+                path, f"file is {_mb(size)}, over the scan size limit of {_mb(cap)} ({_LIMIT_HINT})"
+            )
+        first = f.read(2)
+        stream: _Plain | _Inflater = (
+            _Inflater(f, first) if first == _GZIP_MAGIC else _Plain(f, first)
+        )
+        try:
+            head = stream.read(_HEADER_BYTES)
+            h = _parse_header(path, head)
+            info["shape"] = _fmt_shape(h.info.shape)
+            info["voxel_size"] = _fmt_zooms(h.info.voxel_size)
+            for check in HEADER_CHECKS:
+                reason = check(h.info)
+                if reason:
+                    raise ScanError(path, reason)
+            need = h.offset + h.n_bytes
+            if need > cap:
+                raise ScanError(
+                    path,
+                    f"header claims {_mb(need)} of data ({_fmt_shape(h.info.shape)} "
+                    f"{h.info.dtype}), over the scan size limit of {_mb(cap)} ({_LIMIT_HINT})",
+                )
+            raw = head + stream.read(need - len(head)) if need > len(head) else head
+            if len(raw) >= need:  # a short stream is reported as truncated below
+                stream.finish(GZIP_SLACK_BYTES)
+        except _GzipError:
+            raise ScanError(path, "truncated or corrupt gzip stream") from None
+        except _BombError:
+            raise ScanError(
+                path,
+                f"gzip stream inflates past the {_mb(need)} its header describes "
+                "(a decompression bomb or trailing data)",
+            ) from None
+        except PermissionError:
+            raise ScanError(path, "cannot read file (permission denied)") from None
+        except OSError as exc:
+            raise ScanError(path, f"cannot read file ({exc.strerror or exc})") from None
+    img = _image(path, h, raw)
     if img.ndim > 3:
         img = squeeze_image(img)  # (x, y, z, 1) -> (x, y, z); affine and header kept
         info["shape"] = _fmt_shape(img.shape)
@@ -325,19 +513,25 @@ def _load_checked(path: str | Path, info: dict[str, str], label: bool = False) -
         reason = check(data)
         if reason:
             raise ScanError(path, reason)
+    if not label:
+        info["warning"] = _intensity_warning(data) or ""
     return img
 
 
-def load_nifti(path: str | Path, label: bool = False) -> nib.Nifti1Image:
+def load_nifti(
+    path: str | Path, label: bool = False, max_bytes: int | None = None
+) -> nib.Nifti1Image:
     """Load a NIfTI T1w scan and check that it is one plausible 3-D volume.
 
-    The whole file is read and decompressed (truncation and CRC errors are caught), the header
-    and then the voxels pass :data:`HEADER_CHECKS` and :data:`DATA_CHECKS`. Compression is
-    recognised from the content, so a gzip file named ``.nii`` (or the reverse) still loads.
+    The header passes :data:`HEADER_CHECKS` and the size cap before any voxel is read; the
+    voxels (the whole gzip stream: truncation and CRC errors are caught) then pass
+    :data:`DATA_CHECKS`. Compression is recognised from the content, so a gzip file named
+    ``.nii`` (or the reverse) still loads.
 
     Args:
         path: a ``.nii`` or ``.nii.gz`` file (NIfTI-1 or NIfTI-2, single file).
         label: the file is a label map or mask: an all-zero/constant volume is accepted.
+        max_bytes: cap on the voxel data the header may claim (default :func:`max_scan_bytes`).
 
     Returns:
         A 3-D image (``Nifti2Image`` is a subclass of ``Nifti1Image``). A 4-D image holding
@@ -345,11 +539,12 @@ def load_nifti(path: str | Path, label: bool = False) -> nib.Nifti1Image:
         Its data are in memory; read them with ``np.asanyarray(img.dataobj)``.
 
     Raises:
-        ScanError: with message ``"<path>: <reason>"`` when the file is missing, not NIfTI,
-            truncated or corrupt, not a single 3-D volume, has an implausible shape, voxel
+        ScanError: with message ``"<path>: <reason>"`` when the file is missing, not a regular
+            file, not NIfTI, over the size cap, truncated or corrupt (or inflates past its
+            header), not a single 3-D volume, has an implausible shape, field of view, voxel
             size or affine, contains NaN/Inf voxels, or is constant.
     """
-    return _load_checked(path, {}, label=label)
+    return _load_checked(path, {}, label=label, max_bytes=max_bytes)
 
 
 def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -370,21 +565,23 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(img.affine, dtype=np.float64)
 
 
-def validate_scan(path: str | Path) -> dict[str, Any]:
+def validate_scan(path: str | Path, max_bytes: int | None = None) -> dict[str, Any]:
     """Check one scan and describe the result; never raises for a bad scan.
 
     Args:
         path: the file to check.
+        max_bytes: cap on the voxel data the header may claim (default :func:`max_scan_bytes`).
 
     Returns:
         ``{"path", "status": "ok" | "error", "reason": "" when ok, "shape": "99x117x95" or "",
-        "voxel_size": "2.00x2.00x2.00" or ""}``. Shape and voxel size are filled whenever the
-        header could be read, also for scans that fail a later check.
+        "voxel_size": "2.00x2.00x2.00" or "", "warning": ""}``. Shape and voxel size are filled
+        whenever the header could be read, also for scans that fail a later check;
+        ``warning`` describes a usable but suspicious scan (every intensity <= 0).
     """
-    info = {"shape": "", "voxel_size": ""}
+    info = {"shape": "", "voxel_size": "", "warning": ""}
     row: dict[str, Any] = {"path": str(path), "status": "ok", "reason": ""}
     try:
-        _load_checked(path, info)
+        _load_checked(path, info, max_bytes=max_bytes)
     except ScanError as exc:
         row.update(status="error", reason=exc.reason)
     except MemoryError:

@@ -8,7 +8,10 @@ Centring the crop on the head (voxels above 10 % of the scaled range) rather tha
 array centre makes cohorts with different fields of view and padding line up.
 
 The cache key is the SHA-1 of the image file (and label/mask files) plus every preprocessing
-setting, so editing a file or a setting never serves a stale volume.
+setting, so editing a file or a setting never serves a stale volume. Entries hold only tensors
+(the affine too) with their key and a SHA-256 of their content, and are read without unpickling
+(:func:`qcflow.utils.bundles.load_checked`): a damaged, renamed or edited entry is recomputed, and a
+crafted one cannot run code, even in a cache folder shared with other users.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import torchio as tio
 from qcflow.data.discovery import Scan
 from qcflow.data.nifti import load_nifti
 from qcflow.errors import ConfigError, ScanError
-from qcflow.utils.io import atomic_path
+from qcflow.utils.bundles import load_checked, save_checked
+from qcflow.utils.io import open_regular
 
 __all__ = [
     "PreprocessConfig",
@@ -212,16 +216,22 @@ def preprocess_scan(scan: Scan, pcfg: PreprocessConfig, with_label: bool = True)
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-1 of a file's bytes (hex)."""
+    """SHA-1 of a file's bytes (hex); only regular files are read (a FIFO never blocks).
+
+    Raises:
+        OSError: not a regular file (:class:`~qcflow.utils.io.NotRegularFileError`), missing
+            or unreadable.
+    """
     h = hashlib.sha1()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 
 
 class PreprocessCache:
-    """On-disk cache of :func:`preprocess_scan` results (``torch.save`` files, written atomically).
+    """On-disk cache of :func:`preprocess_scan` results (tensor files with their key and content
+    hash, written atomically, read with ``weights_only=True``).
 
     Args:
         root: cache folder (``data.cache_dir``); ``None`` disables caching.
@@ -250,16 +260,17 @@ class PreprocessCache:
         """
         if self.root is None:
             return preprocess_scan(scan, self.pcfg, with_label)
-        if not Path(scan.path).is_file():
-            raise ScanError(scan.path, "file not found")
-        key = self.key(scan, with_label, digest)
+        try:
+            key = self.key(scan, with_label, digest)
+        except OSError:  # missing, a FIFO, a device...: the reader names the reason
+            return preprocess_scan(scan, self.pcfg, with_label)
         path = self.root / key[:2] / f"{key}.pt"
-        if path.is_file():
-            try:
-                return torch.load(path, weights_only=False)
-            except Exception:  # a damaged cache entry is recomputed, never trusted
-                log.warning("%s: unreadable cache entry, recomputing", path)
+        stored = load_checked(path, key)  # a damaged or altered entry is a miss
+        if isinstance(stored, dict) and isinstance(stored.get("affine"), torch.Tensor):
+            return {**stored, "affine": stored["affine"].numpy()}
         result = preprocess_scan(scan, self.pcfg, with_label)
-        with atomic_path(path) as tmp:
-            torch.save(result, tmp)
+        try:
+            save_checked(path, key, {**result, "affine": torch.from_numpy(result["affine"])})
+        except OSError as exc:  # a full or read-only cache never stops the scan
+            log.warning("%s: cache entry not written (%s)", path, exc.strerror or exc)
         return result

@@ -10,10 +10,14 @@ set on the same codes (``model.mixture > 1``: an equal mixture of that many flow
 from its own start and hold-out split -- an extension, off by default). Outputs in the run
 folder: ``flow.pt`` (flow state with standardisation and thresholds, its config, the encoder
 checkpoint(s) used, the slicing settings) and ``codes_train.tsv``.
+
+``flow.pt`` holds only tensors, numbers and strings (its configs as JSON text) and is read with
+``weights_only=True`` (:mod:`qcflow.utils.bundles`): a crafted bundle is refused, never run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -27,12 +31,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from qcflow.data.contrastive import axial_stack
 from qcflow.data.datamodule import VolumeDataModule
 from qcflow.data.datasets import VolumeDataset
-from qcflow.errors import ConfigError
+from qcflow.errors import BadFileError, ConfigError
 from qcflow.lit.contrastive import ContrastiveEncoder
 from qcflow.models.encoder import EncoderEnsemble, volume_code
 from qcflow.models.flow import DensityFlow, fit_flow, tau_key
 from qcflow.tasks.common import resolve_checkpoint, seed_all
 from qcflow.tasks.encoder_contrastive import set_threads, skipped_report
+from qcflow.utils.bundles import load_checkpoint, load_tensors
+from qcflow.utils.io import atomic_path
 from qcflow.utils.wandb import log_table
 
 __all__ = [
@@ -57,7 +63,7 @@ def load_encoder(ckpt: str | Path | Sequence[str | Path]) -> torch.nn.Module:
     A sequence of checkpoints gives an :class:`EncoderEnsemble` of their encoders (in order).
     """
     if isinstance(ckpt, (str, Path)):
-        module = ContrastiveEncoder.load_from_checkpoint(str(ckpt), map_location="cpu")
+        module = load_checkpoint(ContrastiveEncoder, ckpt, "encoder checkpoint")
         return module.encoder.eval()
     if len(ckpt) == 1:
         return load_encoder(ckpt[0])
@@ -108,11 +114,57 @@ def read_codes(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     )
 
 
+#: keys of a flow bundle and the types they must have (``data`` is JSON text or, in bundles
+#: written before Dec 2026, a plain dict)
+_BUNDLE_TYPES: dict[str, tuple[type, ...]] = {
+    "state_dict": (dict,),
+    "flow_config": (dict, str),
+    "encoder_checkpoint": (str,),
+    "n_central_slices": (int, type(None)),
+    "slice_size": (int,),
+}
+
+
+def _json_field(bundle: dict[str, Any], key: str, path: Path) -> Any:
+    value = bundle.get(key)
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise BadFileError(path, f"malformed flow bundle ('{key}' is not JSON)") from None
+    return value
+
+
 def load_flow(run_dir: str | Path) -> tuple[DensityFlow, dict[str, Any]]:
-    """The fitted :class:`DensityFlow` of a ``flow_density`` run and its saved bundle."""
-    bundle = torch.load(Path(run_dir) / FLOW_FILE, map_location="cpu", weights_only=False)
-    density = DensityFlow(**bundle["flow_config"])
-    density.load_state_dict(bundle["state_dict"])
+    """The fitted :class:`DensityFlow` of a ``flow_density`` run and its saved bundle.
+
+    The bundle is read without unpickling and checked key by key; its ``flow_config`` and
+    ``data`` come back as dicts whatever the bundle's age.
+
+    Raises:
+        BadFileError: ``flow.pt`` is missing, not a plain tensor file (a crafted pickle is
+            refused, not run), lacks a key, or does not match the flow it describes.
+    """
+    path = Path(run_dir) / FLOW_FILE
+    bundle = load_tensors(path, "flow bundle")
+    if not isinstance(bundle, dict):
+        raise BadFileError(path, f"malformed flow bundle (a {type(bundle).__name__}, not a dict)")
+    for key, types in _BUNDLE_TYPES.items():
+        if key not in bundle:
+            raise BadFileError(path, f"malformed flow bundle (no '{key}')")
+        if not isinstance(bundle[key], types):
+            raise BadFileError(
+                path, f"malformed flow bundle ('{key}' is a {type(bundle[key]).__name__})"
+            )
+    bundle = dict(bundle)
+    bundle["flow_config"] = _json_field(bundle, "flow_config", path)
+    bundle["data"] = _json_field(bundle, "data", path) or {}
+    try:
+        density = DensityFlow(**bundle["flow_config"])
+        density.load_state_dict(bundle["state_dict"])
+    except Exception as exc:  # unknown arguments, missing or mis-shaped tensors
+        text = " ".join(str(exc).split())[:200]
+        raise BadFileError(path, f"malformed flow bundle (flow does not load: {text})") from None
     return density.eval(), bundle
 
 
@@ -187,18 +239,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ids = [s.scan_id for s in dm.scans]
     write_codes(out / "codes_train.tsv", ids, codes, logp)
     log_table(cfg, "flow/codes_train", out / "codes_train.tsv")  # logger=wandb, else a no-op
-    torch.save(
-        {
-            "state_dict": density.state_dict(),
-            "flow_config": flow_config,
-            "encoder_checkpoint": str(ckpt),
-            "encoder_checkpoints": [str(c) for c in ckpts],
-            "n_central_slices": n_central,
-            "slice_size": size,
-            "data": OmegaConf.to_container(cfg.data, resolve=True),
-        },
-        out / FLOW_FILE,
-    )
+    bundle = {  # tensors, numbers and strings only: loadable with weights_only=True
+        "state_dict": density.state_dict(),
+        "flow_config": json.dumps(flow_config),
+        "encoder_checkpoint": str(ckpt),
+        "encoder_checkpoints": [str(c) for c in ckpts],
+        "n_central_slices": None if n_central is None else int(n_central),
+        "slice_size": size,
+        "data": json.dumps(OmegaConf.to_container(cfg.data, resolve=True), default=str),
+    }
+    with atomic_path(out / FLOW_FILE) as tmp:
+        torch.save(bundle, tmp)
     results: dict[str, Any] = {
         "train/nll": fit["nll"],
         "val/nll": fit["val_nll"],

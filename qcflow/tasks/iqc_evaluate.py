@@ -109,18 +109,33 @@ def _load_set(cfg: DictConfig, split: str | None, root: str | None, label: int) 
     return {"dm": dm, "kinds": kinds, "severity": sev, "labels": labels}
 
 
+def _plain(value: Any) -> Any:
+    """Codes and IQM rows as tensors and Python numbers (storable without pickled objects)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 class _VolumeCache:
     """Per-volume results (codes, IQMs) keyed by the preprocessing cache key of each scan, in
-    one ``torch.save`` file of the flow run: a τ sweep re-evaluates without re-embedding."""
+    one file of the flow run: a τ sweep re-evaluates without re-embedding. The file holds only
+    tensors and numbers with a content hash, read without unpickling
+    (:func:`qcflow.utils.bundles.load_checked`); a damaged or altered file is rebuilt."""
+
+    KEY = "iqc_evaluate-volumes"
 
     def __init__(self, path: Path | None) -> None:
+        from qcflow.utils.bundles import load_checked
+
         self.path = path
-        self.store: dict[str, Any] = {}
-        if path is not None and path.is_file():
-            try:
-                self.store = torch.load(path, weights_only=False)
-            except Exception:  # a damaged cache is rebuilt, never trusted
-                self.store = {}
+        stored = load_checked(path, self.KEY) if path is not None else None
+        self.store: dict[str, Any] = stored if isinstance(stored, dict) else {}
         self.dirty = False
 
     def get(self, volumes: Any, what: str, compute: Any) -> list[Any]:
@@ -128,17 +143,17 @@ class _VolumeCache:
         for i, scan in enumerate(volumes.scans):
             key = f"{what}|{volumes.cache.key(scan, False)}"
             if key not in self.store:
-                self.store[key] = compute(volumes.volume(i)["image"])
+                self.store[key] = _plain(compute(volumes.volume(i)["image"]))
                 self.dirty = True
-            out.append(self.store[key])
+            value = self.store[key]
+            out.append(value.numpy() if isinstance(value, torch.Tensor) else value)
         return out
 
     def save(self) -> None:
         if self.path is not None and self.dirty:
-            from qcflow.utils.io import atomic_path
+            from qcflow.utils.bundles import save_checked
 
-            with atomic_path(self.path) as tmp:
-                torch.save(self.store, tmp)
+            save_checked(self.path, self.KEY, self.store)
 
 
 def _iqms(volumes: Any, cache: _VolumeCache | None = None) -> dict[str, np.ndarray]:

@@ -1,4 +1,16 @@
-"""Atomic file and folder writes (a reader never sees a half-written output); flat scalars."""
+"""Atomic file and folder writes (a reader never sees a half-written output), bounded reading of
+files that other people hand us, and flat scalars.
+
+Writes honour the process umask: ``tempfile.mkstemp``/``mkdtemp`` create 0600/0700 entries, which
+would hide a report, a shared cache or a shared dataset from colleagues, so the temporary entry
+is given the mode a plain ``open``/``mkdir`` would have (0666/0777 minus the umask) before it is
+renamed into place.
+
+Reading never blocks and never runs away: :func:`open_regular` opens only regular files (after
+resolving symbolic links, checked again on the open descriptor) with ``O_NONBLOCK``, so a FIFO, a
+device such as ``/dev/zero`` or a socket is refused with a reason instead of hanging or filling
+memory, and :func:`read_limited` refuses a file larger than a cap before reading it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +18,9 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +32,102 @@ __all__ = [
     "atomic_dir",
     "atomic_path",
     "flatten_scalars",
+    "open_regular",
+    "read_limited",
+    "NotRegularFileError",
+    "FileTooLargeError",
+    "current_umask",
 ]
+
+_UMASK_LOCK = threading.Lock()
+
+#: what ``stat`` says a path is, for the reason a non-regular file is refused
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+class NotRegularFileError(OSError):
+    """The path is not a regular file (a FIFO, a device, a socket, a folder)."""
+
+
+class FileTooLargeError(OSError):
+    """The file is larger than the caller's cap."""
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # os.umask can only be read by setting it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _kind(mode: int) -> str:
+    for test, what in _KINDS:
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def open_regular(path: str | Path):  # noqa: ANN201 - a binary file object
+    """Open ``path`` for binary reading if (after resolving symbolic links) it is a regular file.
+
+    The check is made on the path and again on the opened descriptor (so a file swapped for a
+    FIFO in between is caught), and the file is opened with ``O_NONBLOCK``: opening a FIFO never
+    waits for a writer.
+
+    Raises:
+        FileNotFoundError: nothing at ``path`` (or a broken symbolic link).
+        NotRegularFileError: ``path`` is a FIFO, a device, a socket or a folder; the message
+            says which.
+        PermissionError, OSError: as ``os.open``.
+    """
+    path = Path(path)
+    st = os.stat(path)  # follows symbolic links
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFileError(f"not a regular file ({_kind(st.st_mode)})")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(f"not a regular file ({_kind(st.st_mode)})")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB" if n < 2**30 else f"{n / 2**30:,.1f} GB"
+
+
+def read_limited(path: str | Path, max_bytes: int) -> bytes:
+    """The content of a regular file of at most ``max_bytes`` bytes (see :func:`open_regular`).
+
+    Raises:
+        FileTooLargeError: the file is larger than ``max_bytes`` (nothing is read).
+        NotRegularFileError, FileNotFoundError, OSError: as :func:`open_regular`.
+    """
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise FileTooLargeError(f"file is {_mb(size)}, over the limit of {_mb(max_bytes)}")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew while being read
+        raise FileTooLargeError(f"file is over the limit of {_mb(max_bytes)}")
+    return data
 
 
 @contextmanager
@@ -31,7 +140,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide it from colleagues
+    finally:
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -65,6 +177,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide it from colleagues
         yield tmp
         try:
             os.rename(tmp, path)
