@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -108,10 +109,13 @@ def test_plain_nested_folder(tmp_path: Path) -> None:
     os.symlink(tmp_path / "gone.nii.gz", tmp_path / "broken.nii.gz")  # listed; validation judges
     scans = discover_scans(tmp_path)
     ids = [s.scan_id for s in scans]
-    assert ids == ["broken", "c", "c-2", "site1_a", "site1_deep_b", "z"]
+    # c.nii and c.nii.gz collide: each gets the start of the SHA-1 of its relative path
+    tag = {n: hashlib.sha1(n.encode()).hexdigest()[:8] for n in ("c.nii", "c.nii.gz")}
+    c_nii, c_gz = f"c-{tag['c.nii']}", f"c-{tag['c.nii.gz']}"
+    assert ids == sorted(["broken", c_nii, c_gz, "site1_a", "site1_deep_b", "z"])
     assert ids == sorted(ids)
     by_id = {s.scan_id: s for s in scans}
-    assert by_id["c"].path.name == "c.nii" and by_id["c-2"].path.name == "c.nii.gz"
+    assert by_id[c_nii].path.name == "c.nii" and by_id[c_gz].path.name == "c.nii.gz"
     assert by_id["site1_deep_b"].path == tmp_path / "site1/deep/b.nii"
     assert all(s.subject is None and s.site is None for s in scans)
     assert discover_scans(tmp_path) == scans  # deterministic

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
 import re
@@ -145,25 +146,61 @@ def is_bids(root: Path) -> bool:
 
 
 def _read_participants(root: Path) -> dict[str, dict[str, str]]:
-    """``participants.tsv`` as ``{subject label without 'sub-': {column: value}}``."""
+    """``participants.tsv`` as ``{subject label without 'sub-': {column: value}}``.
+
+    Read as plain tab-separated text (no quoting, no index column inferred): trailing tabs
+    (empty fields after the last column) are ignored; a row with another number of fields
+    than the header, or without a participant id, is skipped, and one warning line names the
+    file and every skipped row; the other rows are kept. A file that cannot be read at all is
+    ignored with one warning.
+    """
     tsv = root / "participants.tsv"
     if not tsv.is_file():
         return {}
-    import pandas as pd  # local: discovery of plain folders should not pay for pandas
-
     try:
-        table = pd.read_csv(tsv, sep="\t", dtype=str, keep_default_na=False)
-    except Exception as exc:
-        log.warning("%s: cannot read (%s); site and participant columns ignored", tsv, exc)
+        text = tsv.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.warning("%s: cannot read (%s); site and participant columns ignored", tsv, reason)
         return {}
-    if "participant_id" not in table.columns:
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+
+    def fields(line: str) -> list[str]:
+        return [v.strip() for v in line.split("\t")]
+
+    header = fields(lines[0]) if lines else []
+    while header and not header[-1]:  # trailing tabs after the last column name
+        header.pop()
+    if "participant_id" not in header:
         log.warning("%s: no participant_id column; site and participant columns ignored", tsv)
         return {}
+    width = len(header)
     rows: dict[str, dict[str, str]] = {}
-    for record in table.to_dict(orient="records"):
-        pid = str(record.pop("participant_id")).strip()
-        label = pid[4:] if pid.startswith("sub-") else pid
-        rows[label] = {str(k): str(v).strip() for k, v in record.items()}
+    bad: list[str] = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        values = fields(line)
+        if len(values) > width and not any(values[width:]):
+            values = values[:width]  # trailing tabs
+        if len(values) != width:
+            bad.append(f"line {number} has {len(values)}")
+            continue
+        record = dict(zip(header, values, strict=True))
+        pid = record.pop("participant_id")
+        if not pid:
+            bad.append(f"line {number} has no participant_id")
+            continue
+        rows[pid[4:] if pid.startswith("sub-") else pid] = record
+    if bad:
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        log.warning(
+            "%s: %d row(s) skipped (expected %d tab-separated fields): %s",
+            tsv,
+            len(bad),
+            width,
+            shown,
+        )
     return rows
 
 
@@ -272,24 +309,42 @@ def _discover_glob(pattern_text: str, pattern: str | None) -> list[Scan]:
     return _plain_scans(paths, _abs(_glob_base(expanded)))
 
 
-def _unique_ids(scans: list[Scan]) -> list[Scan]:
-    """Sort by (scan_id, path) and suffix repeated ids ``-2``, ``-3`` ... deterministically."""
-    scans = sorted(scans, key=lambda s: (s.scan_id, str(s.path)))
-    taken = {s.scan_id for s in scans}
-    seen: set[str] = set()
+def _path_tag(path: Path, base: Path | None, length: int) -> str:
+    """Short SHA-1 of the file's path relative to ``base`` (POSIX form; absolute outside it)."""
+    try:
+        rel = path.relative_to(base).as_posix() if base is not None else path.as_posix()
+    except ValueError:
+        rel = path.as_posix()
+    return hashlib.sha1(rel.encode("utf-8", "surrogateescape")).hexdigest()[:length]
+
+
+def _unique_ids(scans: list[Scan], base: Path | None = None) -> list[Scan]:
+    """Sorted by ``scan_id``; every scan of a group that shares an id gets ``-<tag>``.
+
+    The tag is the first 8 hex digits of the SHA-1 of the file's path relative to ``base``
+    (the dataset root), so it depends on that file alone: adding, removing or renaming other
+    files never moves an id onto another scan (a position-based ``-2``, ``-3`` did). Scans
+    whose id is unique keep it unchanged. In the (astronomically rare) case that a tagged id
+    is already taken, the tag grows by two digits until it is free.
+    """
+    groups: dict[str, list[Scan]] = {}
+    for scan in sorted(scans, key=lambda s: (s.scan_id, str(s.path))):
+        groups.setdefault(scan.scan_id, []).append(scan)
+    taken = {sid for sid, group in groups.items() if len(group) == 1}
     out = []
-    for scan in scans:
-        scan_id = scan.scan_id
-        if scan_id in seen:
-            n = 2
-            while f"{scan.scan_id}-{n}" in taken:
-                n += 1
-            scan_id = f"{scan.scan_id}-{n}"
-            taken.add(scan_id)
-            scan = replace(scan, scan_id=scan_id)
-        seen.add(scan_id)
-        out.append(scan)
-    return sorted(out, key=lambda s: s.scan_id)
+    for sid, group in groups.items():
+        if len(group) == 1:
+            out += group
+            continue
+        for scan in group:
+            length = 8
+            new = f"{sid}-{_path_tag(scan.path, base, length)}"
+            while new in taken and length < 40:
+                length += 2
+                new = f"{sid}-{_path_tag(scan.path, base, length)}"
+            taken.add(new)
+            out.append(replace(scan, scan_id=new))
+    return sorted(out, key=lambda s: (s.scan_id, str(s.path)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,7 +372,11 @@ def discover_scans(root: str | Path, pattern: str | None = None) -> list[Scan]:
             (e.g. ``"*_acq-mprage_T1w"``); for BIDS it replaces the default ``"*_T1w"``.
 
     Returns:
-        Scans sorted by ``scan_id``; colliding ids get ``-2``, ``-3``... suffixes.
+        Scans sorted by ``scan_id``. When several files would get the same id (``a.nii`` and
+        ``a.nii.gz``, or ``sub-01_T1w`` in two session folders), each of them gets
+        ``-<8 hex digits>``: the start of the SHA-1 of its path relative to ``root``, so the
+        id stays with its file when other files are added or removed; ids without a
+        collision are unchanged.
 
     Raises:
         QCFlowError: ``root`` does not exist or holds no matching NIfTI file.
@@ -328,7 +387,7 @@ def discover_scans(root: str | Path, pattern: str | None = None) -> list[Scan]:
         scans = _discover_glob(text, pattern)
         if not scans:
             raise QCFlowError(f"{text}: no .nii/.nii.gz files match this glob")
-        return _unique_ids(scans)
+        return _unique_ids(scans, _abs(_glob_base(os.path.expanduser(text))))
     if not path.exists() and not path.is_symlink():
         raise QCFlowError(f"{path}: no such file or folder (data.root)")
     if not path.is_dir():
@@ -340,7 +399,7 @@ def discover_scans(root: str | Path, pattern: str | None = None) -> list[Scan]:
         where = f"sub-*/[ses-*/]anat/{pattern or _BIDS_PATTERN}.nii[.gz]"
         if not scans:
             raise QCFlowError(f"{path}: BIDS dataset without images matching {where}")
-        return _unique_ids(scans)
+        return _unique_ids(scans, path)
     scans = _plain_scans(_walk_nifti(path, pattern), path)
     if not scans:
         suffix = f" matching '{pattern}'" if pattern else ""
@@ -348,7 +407,7 @@ def discover_scans(root: str | Path, pattern: str | None = None) -> list[Scan]:
             f"{path}: no .nii/.nii.gz files{suffix} found "
             "(expected a BIDS dataset, a folder or a glob)"
         )
-    return _unique_ids(scans)
+    return _unique_ids(scans, path)
 
 
 def resolve_data_root(data_cfg: Any) -> Path | str:
