@@ -12,12 +12,19 @@ Layout (``<d>`` = ``derivatives/qcflow/sub-001/[ses-01/]anat/<scan_id>``)::
 ``<source>`` is ``task`` and each artifact kind (variance maps sigma^2); ``artifact`` is their
 sum over the artifact kinds. Scans outside BIDS (no subject) go to ``<scan_id>/``. Maps are on the
 preprocessed grid (RAS, ``data.spacing``, cropped to ``data.shape``) with its scanner-space affine,
-so viewers overlay them on the original scan. Every file is written atomically.
+so viewers overlay them on the original scan. Every file is written atomically; when one
+cannot be written (disk full) the scan's maps are removed and one warning line names the file,
+and scoring goes on.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +32,18 @@ import numpy as np
 from torch import Tensor
 
 from qcflow.data.discovery import Scan
-from qcflow.utils.io import atomic_write_json
+from qcflow.utils.io import atomic_path, atomic_write_json
 
-__all__ = ["DERIVATIVES", "scan_folder", "write_maps", "write_description"]
+__all__ = [
+    "DERIVATIVES",
+    "scan_folder",
+    "scan_files",
+    "copy_maps",
+    "write_maps",
+    "write_description",
+]
+
+log = logging.getLogger(__name__)
 
 #: derivatives folder under a scoring run
 DERIVATIVES = Path("derivatives") / "qcflow"
@@ -47,6 +63,54 @@ def scan_folder(scan: Scan) -> Path:
             folder = folder / f"ses-{scan.session}"
         return folder / "anat"
     return Path(scan.scan_id)
+
+
+def _file_pattern(scan_id: str) -> re.Pattern[str]:
+    """Names :func:`write_maps` gives a scan's files (and no other scan's: ``<id>_run-2_...``
+    or ``<id>_desc-x_desc-...`` belong to other ids)."""
+    sid = re.escape(scan_id)
+    return re.compile(rf"{sid}_(?:desc-[A-Za-z0-9]+_(?:dseg|uncertainty)\.nii\.gz|qc\.json)")
+
+
+def scan_files(root: str | Path, scan: Scan) -> list[Path]:
+    """The map files of ``scan`` under the derivatives folder ``root`` (sorted)."""
+    folder = Path(root) / scan_folder(scan)
+    if not folder.is_dir():
+        return []
+    pattern = _file_pattern(scan.scan_id)
+    return sorted(f for f in folder.iterdir() if pattern.fullmatch(f.name) and f.is_file())
+
+
+def copy_maps(src_root: str | Path, old_id: str, dst_root: str | Path, scan: Scan) -> list[Path]:
+    """Copy the maps that ``scan`` got in an earlier run, where its id was ``old_id``, into
+    ``dst_root`` under its current id (file names and the ``_qc.json`` record renamed).
+
+    Returns:
+        The files written. Raises OSError when one cannot be written.
+    """
+    old = replace(scan, scan_id=old_id)
+    src_root, dst_root = Path(src_root), Path(dst_root)
+    dst_dir = scan_folder(scan)
+    written = []
+    for src in scan_files(src_root, old):
+        name = scan.scan_id + src.name[len(old_id) :]
+        dst = dst_root / dst_dir / name
+        if dst.resolve() == src.resolve():
+            continue
+        if name.endswith("_qc.json") and old_id != scan.scan_id:
+            record = json.loads(src.read_text())
+            record["scan_id"] = scan.scan_id
+            files = record.get("files") or {}
+            for key, rel in files.items():
+                rel_name = Path(str(rel)).name
+                if rel_name.startswith(old_id):
+                    files[key] = str(dst_dir / (scan.scan_id + rel_name[len(old_id) :]))
+            atomic_write_json(dst, record)
+        else:
+            with atomic_path(dst) as tmp:
+                shutil.copy2(src, tmp)
+        written.append(dst)
+    return written
 
 
 def write_description(root: str | Path) -> Path:
@@ -77,17 +141,32 @@ def write_maps(
     summary: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """Write one scan's segmentation and variance maps; returns ``name -> path`` (relative to
-    ``root``)."""
+    ``root``).
+
+    A file that cannot be written (OSError, e.g. the disk is full) costs this scan its maps,
+    not its scores: the files written so far are removed, one warning line names the file and
+    ``{}`` is returned.
+    """
     from qcflow.qc.segmentation import prediction_maps, save_nifti
 
     root = Path(root)
     folder = scan_folder(scan)
     files: dict[str, str] = {}
-    for name, tensor in prediction_maps(pred, sources).items():
-        rel = folder / f"{scan.scan_id}_{_entities(name)}.nii.gz"
-        save_nifti(root / rel, tensor, affine)
-        files[name] = str(rel)
-    record = {"scan_id": scan.scan_id, "source_file": str(scan.path), "sources": list(sources)}
-    record.update({**dict(summary or {}), "files": files})
-    atomic_write_json(root / folder / f"{scan.scan_id}_qc.json", record)
+    target = root / folder
+    try:
+        for name, tensor in prediction_maps(pred, sources).items():
+            rel = folder / f"{scan.scan_id}_{_entities(name)}.nii.gz"
+            target = root / rel
+            save_nifti(target, tensor, affine)
+            files[name] = str(rel)
+        record = {"scan_id": scan.scan_id, "source_file": str(scan.path)}
+        record.update({"sources": list(sources), **dict(summary or {}), "files": files})
+        target = root / folder / f"{scan.scan_id}_qc.json"
+        atomic_write_json(target, record)
+    except OSError as exc:
+        for rel in files.values():
+            (root / rel).unlink(missing_ok=True)
+        reason = (exc.strerror or str(exc) or type(exc).__name__).splitlines()[0]
+        log.warning("%s: cannot write (%s); no maps for scan %s", target, reason, scan.scan_id)
+        return {}
     return files

@@ -3,7 +3,9 @@
 It shows the thresholds, the density-contour plot with every scan, a sortable/filterable table
 of ``scores.tsv`` and, for each flagged scan, a three-orientation thumbnail and the per-kind
 artifact-variance bars when the uncertainty model was used. Every referenced file sits next to
-the page (relative links), so the folder can be copied or zipped as a whole.
+the page (relative links), so the folder can be copied or zipped as a whole. Links are
+percent-encoded, then HTML-escaped, so a scan id with ``#``, ``?``, ``%``, quotes or markup still
+points at its own file and never becomes markup.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
 
-from qcflow.utils.io import atomic_write_text
+from qcflow.errors import QCFlowError
+from qcflow.utils.io import atomic_path, atomic_write_text
 
 __all__ = ["write_thumbnail", "write_report"]
 
@@ -25,7 +29,8 @@ _DECISION_COLORS = {"pass": "#2e7d32", "review": "#ef6c00", "fail": "#c62828", "
 
 
 def write_thumbnail(image: Any, path: str | Path) -> Path:
-    """Axial, coronal and sagittal central slices of a ``(1, D, H, W)`` RAS volume as one PNG."""
+    """Axial, coronal and sagittal central slices of a ``(1, D, H, W)`` RAS volume as one PNG,
+    written atomically (a failed write, e.g. a full disk, raises OSError and leaves no file)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,10 +47,17 @@ def write_thumbnail(image: Any, path: str | Path) -> Path:
         ax.axis("off")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return path
+
+
+def _link(rel: str) -> str:
+    """A relative file path as an attribute value: percent-encoded, then HTML-escaped."""
+    return html.escape(quote(str(rel), safe="/"))
 
 
 def _fmt(v: Any) -> str:
@@ -110,6 +122,9 @@ def write_report(
         thresholds: decision thresholds to display.
         density_plot: relative path of the density-contour PNG (optional).
         thumbnails: ``scan_id -> relative PNG path`` for flagged scans.
+
+    Raises:
+        QCFlowError: the page cannot be written (disk full...), naming it on one line.
     """
     out_dir = Path(out_dir)
     thumbnails = dict(thumbnails or {})
@@ -142,7 +157,7 @@ def write_report(
         parts.append("</ul>")
     if density_plot:
         parts.append(
-            f"<h2>Density of the artifact codes</h2><img src='{html.escape(density_plot)}' "
+            f"<h2>Density of the artifact codes</h2><img src='{_link(density_plot)}' "
             "alt='density contours with every scan' style='max-width:640px'>"
         )
     flagged = table[table["qc_decision"].isin(["review", "fail"])] if has_decision else table[:0]
@@ -150,10 +165,11 @@ def write_report(
         parts.append(f"<h2>Flagged scans ({len(flagged)})</h2>")
         for row in flagged.to_dict("records"):
             sid = str(row["scan_id"])
-            parts.append(f"<div class='card'><b class='{row['qc_decision']}'>{html.escape(sid)}")
-            parts.append(f" &mdash; {row['qc_decision']}</b><br>")
+            decision = html.escape(str(row["qc_decision"]))
+            parts.append(f"<div class='card'><b class='{decision}'>{html.escape(sid)}")
+            parts.append(f" &mdash; {decision}</b><br>")
             if sid in thumbnails:
-                parts.append(f"<img src='{html.escape(thumbnails[sid])}' alt='{html.escape(sid)}'>")
+                parts.append(f"<img src='{_link(thumbnails[sid])}' alt='{html.escape(sid)}'>")
             if kinds:
                 parts.append(_bars(row, kinds))
             parts.append("</div>")
@@ -172,11 +188,15 @@ def write_report(
     parts.append("</tr></thead><tbody>")
     for row in table.to_dict("records"):
         decision = str(row.get("qc_decision") or "") if row.get("status") == "ok" else "error"
-        decision = "" if decision == "nan" else decision
+        decision = html.escape("" if decision == "nan" else decision)
         parts.append(f"<tr data-decision='{decision}' class='{decision}'>")
         parts += [f"<td>{_fmt(row[c])}</td>" for c in columns]
         parts.append("</tr>")
     parts.append("</tbody></table></body></html>")
     path = out_dir / "report.html"
-    atomic_write_text(path, "".join(parts))
+    try:
+        atomic_write_text(path, "".join(parts))
+    except OSError as exc:
+        reason = (exc.strerror or str(exc) or type(exc).__name__).splitlines()[0]
+        raise QCFlowError(f"{path}: cannot write the report ({reason})") from exc
     return path

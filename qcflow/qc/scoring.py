@@ -7,9 +7,13 @@ scorer on every scan:
 * a scan that cannot be loaded or scored gets a row with ``status=error`` and the one-line
   reason in ``error``; the others continue;
 * the table is rewritten atomically every ``flush_every`` rows and at the end, so an
-  interrupted run (Ctrl-C, a killed job) leaves a valid partial ``scores.tsv``;
-* with ``previous`` rows (resume), a scan whose file content (SHA-1) and model identity are
-  unchanged is not scored again;
+  interrupted run (Ctrl-C, a killed job) leaves a valid partial ``scores.tsv``; when the table
+  cannot be written (disk full), scoring stops with a one-line :class:`TableWriteError` and the
+  file keeps its last complete content;
+* with ``previous`` rows (resume), a scan whose file path, content (SHA-1) and model identity
+  are unchanged is not scored again; its row is reused under the scan's current id, and
+  floats and strings read back exactly as they were written (a resumed table is byte for
+  byte the table of an uninterrupted run);
 * loading and preprocessing run in DataLoader workers (``num_workers``); rows keep scan order;
 * prediction runs through Lightning (:class:`ScoringModule` + :class:`ScoreWriter`), so a
   ``trainer`` with ``strategy=ddp`` and ``devices=N`` spreads the scans over N processes
@@ -18,6 +22,7 @@ scorer on every scan:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import signal
@@ -28,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
@@ -36,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from qcflow.data.discovery import Scan
 from qcflow.data.preprocess import PreprocessCache, PreprocessConfig, file_digest
-from qcflow.errors import ScanError
+from qcflow.errors import QCFlowError, ScanError
 from qcflow.qc.iqm import IQM_NAMES, compute_iqms
 from qcflow.utils.io import atomic_path
 
@@ -48,6 +54,8 @@ __all__ = [
     "ScoringModule",
     "ScoreTable",
     "ScoreWriter",
+    "STRING_COLUMNS",
+    "TableWriteError",
     "default_trainer",
     "quiet_lightning",
     "rank_table_path",
@@ -61,6 +69,33 @@ log = logging.getLogger(__name__)
 BASE_COLUMNS = ("scan_id", "path", "site")
 #: bookkeeping columns at the end (resume keys)
 TAIL_COLUMNS = ("status", "error", "file_sha1", "model_id")
+#: columns always read back as strings (an all-digit model_id or file_sha1 stays a string)
+STRING_COLUMNS = (
+    *BASE_COLUMNS,
+    *TAIL_COLUMNS,
+    "qc_decision",
+    "subject",
+    "session",
+)
+
+
+class TableWriteError(QCFlowError):
+    """``scores.tsv`` could not be written (e.g. the disk is full); the file on disk keeps its
+    last complete content. ``str(exc)`` is one line naming the file."""
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        reason = "disk full" if exc.errno == errno.ENOSPC else "cannot write"
+        detail = (exc.strerror or str(exc) or type(exc).__name__).splitlines()[0]
+        kept = (
+            "the table keeps the rows of its last complete write"
+            if path.is_file()
+            else "no table was written"
+        )
+        super().__init__(
+            f"{path}: {reason} ({detail}); scoring stopped, {kept}: free space and rerun "
+            "with score.resume=true"
+        )
+        self.path = path
 
 
 class Scorer(Protocol):
@@ -238,7 +273,12 @@ class ScoreWriter(BasePredictionWriter):
             self.on_row(prediction, {**batch, "extras": extras})
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self.table.flush()  # Ctrl-C or a crash: a valid partial table
+        if isinstance(exception, TableWriteError):
+            return  # the table cannot be written: the last complete one stays
+        try:
+            self.table.flush()  # Ctrl-C or a crash: a valid partial table
+        except TableWriteError as exc:
+            log.warning("%s", exc)
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         self.table.flush()
@@ -293,6 +333,8 @@ class ScoreTable:
         self._dirty = 0
 
     def add(self, row: dict[str, Any]) -> None:
+        """Add (or replace) a row; NumPy scalars become Python numbers (written exactly)."""
+        row = {k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()}
         self.rows[str(row["scan_id"])] = row
         self._dirty += 1
         if self._dirty >= self.flush_every:
@@ -304,8 +346,17 @@ class ScoreTable:
         return pd.DataFrame([self.rows[sid] for sid in ids], columns=self.columns)
 
     def flush(self) -> None:
-        with atomic_path(self.path) as tmp:
-            self.frame().to_csv(tmp, sep="\t", index=False, na_rep="n/a")
+        """Rewrite the file atomically; floats are written in their shortest exact form.
+
+        Raises:
+            TableWriteError: the file cannot be written (disk full...); it keeps its last
+                complete content.
+        """
+        try:
+            with atomic_path(self.path) as tmp:
+                self.frame().to_csv(tmp, sep="\t", index=False, na_rep="n/a")
+        except OSError as exc:
+            raise TableWriteError(self.path, exc) from exc
         self._dirty = 0
 
     @staticmethod
@@ -315,13 +366,15 @@ class ScoreTable:
 
     @staticmethod
     def read(path: str | Path) -> pd.DataFrame:
-        """A scores.tsv as written by :meth:`flush` (``n/a`` -> NaN, ids as strings)."""
+        """A scores.tsv as written by :meth:`flush`: ``n/a`` -> NaN, :data:`STRING_COLUMNS` as
+        strings, floats bit for bit as written."""
         return pd.read_csv(
             path,
             sep="\t",
             na_values=["n/a"],
             keep_default_na=False,
-            dtype={"scan_id": str, "site": str},
+            dtype=dict.fromkeys(STRING_COLUMNS, str),
+            float_precision="round_trip",
         )
 
 
@@ -345,6 +398,7 @@ def score_scans(
     progress: bool | None = None,
     on_row: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
     trainer: pl.Trainer | None = None,
+    on_reuse: Callable[[Scan, dict[str, Any]], None] | None = None,
 ) -> pd.DataFrame | None:
     """Score every scan with every scorer; see the module docstring for the guarantees.
 
@@ -365,10 +419,17 @@ def score_scans(
         trainer: the Lightning trainer that runs prediction (default: one CPU process). With
             several processes (``strategy=ddp``, ``devices=N``) each rank scores its share
             into ``scores.rank<r>.tsv``; rank 0 merges them into ``table_path``.
+        on_reuse: called as ``on_reuse(scan, previous_row)`` for every scan whose previous
+            row is kept (``previous_row["scan_id"]`` is the id it had then, e.g. to copy its
+            thumbnail and maps).
 
     Returns:
         The final table (``None`` on ranks other than 0). After Ctrl-C the partial table is
         flushed, then KeyboardInterrupt is raised.
+
+    Raises:
+        TableWriteError: the table could not be written (disk full); it keeps the rows of
+            its last complete write.
     """
     columns = [c for s in scorers for c in s.columns]
     caches = [PreprocessCache(cache_dir, pcfg)]
@@ -389,6 +450,8 @@ def score_scans(
         old = reusable.get((str(scan.path), digest))
         if old is not None and digest:
             table.rows[scan.scan_id] = {**old, "scan_id": scan.scan_id}
+            if on_reuse is not None:
+                on_reuse(scan, old)
         else:
             todo.append(scan)
             digests.append(digest)

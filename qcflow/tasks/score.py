@@ -7,7 +7,13 @@ and, with the uncertainty student, ``derivatives/qcflow/`` (per-scan NIfTI maps,
 with the same rows as one process.
 
 Exit status (through the CLI): 0 when at least one scan was scored, 1 when none could be
-(or the configuration is invalid), 130 after Ctrl-C (the partial table is valid).
+(or the configuration is invalid, or ``scores.tsv`` cannot be written: one line names it, the
+file keeps its last complete rows), 130 after Ctrl-C (the partial table is valid). A thumbnail
+or map that cannot be written (disk full) is one warning line for that scan; the others go on.
+
+With ``score.resume``, a row is reused when the file's path, content (SHA-1) and the model
+identity match a row of the earlier table; its thumbnail and maps are copied from the files
+of the id it had *then* to its id now, so no scan ever shows another scan's outputs.
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ from omegaconf import DictConfig
 from qcflow.data.discovery import Scan, discover_scans, resolve_data_root
 from qcflow.data.preprocess import PreprocessConfig
 from qcflow.errors import ConfigError, QCFlowError
-from qcflow.qc.derivatives import DERIVATIVES, scan_folder, write_description
+from qcflow.qc.derivatives import DERIVATIVES, copy_maps, write_description
 from qcflow.qc.report import write_report, write_thumbnail
 from qcflow.qc.scorers import DensityScorer, UncertaintyScorer
 from qcflow.qc.scoring import IQMScorer, Scorer, ScoreTable, quiet_lightning, score_scans
 from qcflow.tasks.common import build_loggers, resolve_checkpoint
+from qcflow.utils.io import atomic_path
 from qcflow.utils.runs import find_latest_run
 from qcflow.utils.wandb import log_images, log_table
 
@@ -163,17 +170,27 @@ def build_score_trainer(cfg: DictConfig, progress: bool) -> pl.Trainer:
         )
 
 
-def _copy_outputs(scan: Scan, src: Path, dst: Path) -> None:
-    """Thumbnail and NIfTI maps of a resumed row, from the run it was scored in."""
-    sid = scan.scan_id
-    pairs = [(src / "thumbs" / f"{sid}.png", dst / "thumbs" / f"{sid}.png")]
-    folder = scan_folder(scan)
-    for f in (src / DERIVATIVES / folder).glob(f"{sid}_*"):
-        pairs.append((f, dst / DERIVATIVES / folder / f.name))
-    for a, b in pairs:
-        if a.is_file() and not b.exists():
-            b.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(a, b)
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc) or type(exc).__name__).splitlines()[0]
+
+
+def _copy_outputs(scan: Scan, old_id: str, src: Path, dst: Path) -> None:
+    """Thumbnail and NIfTI maps of a resumed row: the files of the id the scan had in the run
+    ``src`` it was scored in (``old_id``), copied under its current id into ``dst``. A copy that
+    fails (disk full) is one warning line; the scan keeps its row."""
+    thumb_src = src / "thumbs" / f"{old_id}.png"
+    thumb_dst = dst / "thumbs" / f"{scan.scan_id}.png"
+    target = thumb_dst
+    try:
+        if thumb_src.is_file() and thumb_src.resolve() != thumb_dst.resolve():
+            with atomic_path(thumb_dst) as tmp:
+                shutil.copy2(thumb_src, tmp)
+        target = dst / DERIVATIVES
+        copy_maps(src / DERIVATIVES, old_id, dst / DERIVATIVES, scan)
+    except OSError as exc:
+        log.warning(
+            "%s: cannot copy (%s); scan %s resumed without it", target, _reason(exc), scan.scan_id
+        )
 
 
 def score_dataset(
@@ -202,13 +219,27 @@ def score_dataset(
                 log.info("using the density model's preprocessing: %s", scorer.preprocess)
             pcfg = scorer.preprocess
     if any(getattr(s, "maps_dir", None) for s in scorers):
-        write_description(maps_dir)
+        try:
+            write_description(maps_dir)
+        except OSError as exc:
+            log.warning(
+                "%s: cannot write (%s)", maps_dir / "dataset_description.json", _reason(exc)
+            )
     previous = previous_table(cfg) if cfg.score.get("resume") else None
 
     def on_row(row: dict[str, Any], item: dict[str, Any]) -> None:
-        """Thumbnails of flagged scans for report.html."""
+        """Thumbnails of flagged scans for report.html (a failed write: one warning line)."""
         if row.get("qc_decision") in ("review", "fail") and item.get("image") is not None:
-            write_thumbnail(item["image"].cpu(), out_dir / "thumbs" / f"{row['scan_id']}.png")
+            thumb = out_dir / "thumbs" / f"{row['scan_id']}.png"
+            try:
+                write_thumbnail(item["image"].cpu(), thumb)
+            except OSError as exc:
+                log.warning("%s: cannot write (%s); no thumbnail", thumb, _reason(exc))
+
+    def on_reuse(scan: Scan, old: dict[str, Any]) -> None:
+        """A reused row's outputs, copied before scoring starts (kept if it is interrupted)."""
+        if previous is not None:
+            _copy_outputs(scan, str(old["scan_id"]), previous[1], out_dir)
 
     table = score_scans(
         scans,
@@ -222,14 +253,8 @@ def score_dataset(
         progress=progress,
         on_row=on_row,
         trainer=trainer,
+        on_reuse=on_reuse,
     )
-    if table is not None and previous is not None and previous[1].resolve() != out_dir.resolve():
-        key = ["path", "file_sha1", "model_id"]
-        reused = table[key].astype(str).merge(previous[0][key].astype(str)).drop_duplicates()
-        paths = set(reused["path"])
-        for scan in scans:
-            if str(scan.path) in paths:
-                _copy_outputs(scan, previous[1], out_dir)
     return table, scorers
 
 
