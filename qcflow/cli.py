@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import os
 import secrets
 import sys
 from pathlib import Path
@@ -95,6 +96,9 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
     if task not in TASKS:
         raise ConfigError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
     module = importlib.import_module(f"qcflow.tasks.{task}")
+    data = cfg.get("data") or {}
+    if data.get("max_scan_mb") is not None:  # the NIfTI reader's cap, in every worker too
+        os.environ["QCFLOW_MAX_SCAN_MB"] = str(float(data.get("max_scan_mb")))
     try:
         results = module.run(cfg) or {}
         log_summary(cfg, results)  # W&B runs table: the task's numbers (a no-op without W&B)

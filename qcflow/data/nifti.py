@@ -53,6 +53,7 @@ __all__ = [
     "DEFAULT_MAX_SCAN_MB",
     "GZIP_SLACK_BYTES",
     "max_scan_bytes",
+    "check_readable",
 ]
 
 #: plausible spatial dimension range (voxels) of a structural brain scan
@@ -126,7 +127,9 @@ def max_scan_bytes() -> int:
         mb = float(text) if text.strip() else DEFAULT_MAX_SCAN_MB
     except ValueError:
         mb = DEFAULT_MAX_SCAN_MB
-    return int(max(mb, 1.0) * 2**20)
+    if not math.isfinite(mb) or mb <= 0:
+        mb = DEFAULT_MAX_SCAN_MB
+    return int(mb * 2**20)
 
 
 def _mb(n: int) -> str:
@@ -225,6 +228,12 @@ def _open_scan(path: Path) -> Any:
         raise ScanError(path, "cannot read file (permission denied)") from None
     except OSError as exc:
         raise ScanError(path, f"cannot read file ({exc.strerror or exc})") from None
+
+
+def check_readable(path: str | Path) -> None:
+    """Raise the :class:`~qcflow.errors.ScanError` :func:`load_nifti` would give for a path
+    that is missing, a folder, a FIFO, a device or unreadable; return for a readable file."""
+    _open_scan(Path(path)).close()
 
 
 def _not_nifti_reason(raw: bytes) -> str:

@@ -41,6 +41,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from qcflow.data.discovery import Scan
+from qcflow.data.nifti import check_readable
 from qcflow.data.preprocess import PreprocessCache, PreprocessConfig, file_digest
 from qcflow.errors import QCFlowError, ScanError
 from qcflow.qc.iqm import IQM_NAMES, compute_iqms
@@ -162,8 +163,7 @@ class ScoringDataset(Dataset):
         item: dict[str, Any] = {"scan": scan, "file_sha1": "", "image": None, "affine": None}
         item.update(views={}, error="")
         try:
-            if not Path(scan.path).is_file():
-                raise ScanError(scan.path, "file not found")
+            check_readable(scan.path)  # missing, a FIFO, a device...: the reason, never a hang
             item["file_sha1"] = self.digests[index] or file_digest(scan.path)
             for cache in self.caches:
                 out = cache.load(scan, with_label=False, digest=item["file_sha1"])

@@ -28,7 +28,7 @@ __all__ = ["run", "validate_scans", "write_validation_tsv", "COLUMNS"]
 log = logging.getLogger(__name__)
 
 #: columns of validation.tsv (``site`` is appended when any scan has one)
-COLUMNS = ("scan_id", "path", "status", "reason", "shape", "voxel_size")
+COLUMNS = ("scan_id", "path", "status", "reason", "shape", "voxel_size", "warning")
 #: below this many scans no progress bar is shown
 _PROGRESS_MIN = 20
 
@@ -87,8 +87,11 @@ def write_validation_tsv(rows: Sequence[dict[str, Any]], path: str | Path) -> Pa
 
 def _summary(rows: Sequence[dict[str, Any]], root: Path | str, tsv: Path) -> str:
     n_ok = sum(row["status"] == "ok" for row in rows)
-    lines = [f"validated {len(rows)} scans in {root}: {n_ok} ok, {len(rows) - n_ok} error"]
+    warned = [row for row in rows if row["status"] == "ok" and row.get("warning")]
+    head = f"validated {len(rows)} scans in {root}: {n_ok} ok, {len(rows) - n_ok} error"
+    lines = [head + (f", {len(warned)} with a warning" if warned else "")]
     lines += [f"  {row['scan_id']}: {row['reason']}" for row in rows if row["status"] != "ok"]
+    lines += [f"  {row['scan_id']}: warning: {row['warning']}" for row in warned]
     lines.append(f"report: {tsv}")
     return "\n".join(lines)
 
@@ -101,7 +104,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             ``data.num_workers``, ``paths.output_dir``).
 
     Returns:
-        ``{"n_scans", "n_ok", "n_error", "validation_tsv"}``.
+        ``{"n_scans", "n_ok", "n_error", "n_warning", "validation_tsv"}``.
 
     Raises:
         QCFlowError: no scan found, or none of them is valid (the TSV is written first).
@@ -121,4 +124,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     if errors:
         log.warning("%d of %d scans failed validation (see %s)", len(errors), len(rows), tsv)
-    return {"n_scans": len(rows), "n_ok": n_ok, "n_error": len(errors), "validation_tsv": str(tsv)}
+    n_warning = sum(row["status"] == "ok" and bool(row.get("warning")) for row in rows)
+    return {
+        "n_scans": len(rows),
+        "n_ok": n_ok,
+        "n_error": len(errors),
+        "n_warning": n_warning,
+        "validation_tsv": str(tsv),
+    }

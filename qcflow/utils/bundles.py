@@ -70,14 +70,15 @@ def _open(path: Path, max_bytes: int, what: str):  # noqa: ANN202 - a binary fil
 
 
 def _refusal(path: Path, what: str, exc: BaseException) -> BadFileError:
-    text = _one_line(exc)
-    if "weights_only" in text.lower() or "unsupported global" in text.lower():
+    text = " ".join(str(exc).split())
+    detail = text.split("WeightsUnpickler error:", 1)[-1].strip()  # torch's own reason
+    if "unsupported global" in text.lower() or "reduce" in detail.lower():
         return BadFileError(
             path,
             f"not a plain {what}: it holds Python objects other than tensors, numbers and "
             "strings, which qcflow never unpickles (the file was not run)",
         )
-    return BadFileError(path, f"unreadable {what} ({text})")
+    return BadFileError(path, f"unreadable {what} ({(detail or type(exc).__name__)[:120]})")
 
 
 def load_tensors(path: str | Path, what: str = "bundle", max_bytes: int = MAX_BUNDLE_BYTES) -> Any:
