@@ -19,13 +19,14 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from qcflow.data.discovery import Scan, strip_nifti_suffix
+from qcflow.data.discovery import Scan, strip_nifti_suffix, unique_scan_ids
 
 __all__ = ["score", "compose_config"]
 
@@ -64,16 +65,12 @@ def compose_config(
 
 
 def _scans(paths: Sequence[str | Path]) -> list[Scan]:
-    scans, seen = [], set()
-    for p in paths:
-        sid = strip_nifti_suffix(Path(p).name)
-        base, n = sid, 1
-        while sid in seen:
-            n += 1
-            sid = f"{base}-{n}"
-        seen.add(sid)
-        scans.append(Scan(scan_id=sid, path=Path(p).absolute()))
-    return scans
+    """Scans of a list of files, in the given order (a file listed twice is scored once); files
+    sharing a name get discovery's path-derived suffixes (adding a file never moves an id)."""
+    unique = dict.fromkeys(Path(p).absolute() for p in paths)
+    scans = [Scan(scan_id=strip_nifti_suffix(p.name), path=p) for p in unique]
+    ids = {str(s.path): s.scan_id for s in unique_scan_ids(scans)}
+    return [replace(s, scan_id=ids[str(s.path)]) for s in scans]
 
 
 def _model_overrides(key: str, path_key: str, value: str | Path | None) -> list[str]:

@@ -149,6 +149,21 @@ def test_duplicate_suffix_is_a_hash_of_the_relative_path(tmp_path) -> None:
     assert set(expected) < {s.scan_id for s in discover_scans(moved)}
 
 
+def test_api_file_list_ids_are_stable_and_unique(tmp_path) -> None:
+    """qcflow.score([...]) gets discovery's path-derived suffixes, in the caller's order."""
+    from qcflow.api import _scans
+
+    a, b, c = (tmp_path / d / "sub-01_T1w.nii.gz" for d in ("x", "y", "z"))
+    first = {s.path: s.scan_id for s in _scans([b, a])}
+    assert len(set(first.values())) == 2 and all(
+        v.startswith("sub-01_T1w-") for v in first.values()
+    )
+    later = _scans([c, a, b, a])  # a file added (first in the list), one listed twice
+    assert [s.path for s in later] == [c.absolute(), a.absolute(), b.absolute()]
+    assert all(first[s.path] == s.scan_id for s in later if s.path in first)
+    assert [s.scan_id for s in _scans([a])] == ["sub-01_T1w"]  # no collision, no suffix
+
+
 # --------------------------------------------------------------------------------------------
 # 2. exact round trips on resume
 # --------------------------------------------------------------------------------------------

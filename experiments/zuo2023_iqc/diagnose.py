@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qcflow.utils.bundles import load_tensors
+
 N_SLICES = 60  # central slices per orientation kept by ``embed``
 NEVER = ("ghosting", "missing_side", "misregistration", "t2_contrast")
 
@@ -66,9 +68,19 @@ def embed(run: Path, out: Path) -> None:
             "kinds": s["kinds"],
             "severity": s["severity"],
             "labels": s["labels"],
-            **{o: np.stack(per[o]) for o in per},  # (V, N_SLICES, d)
+            # (V, N_SLICES, d) as tensors: the file loads with weights_only=True
+            **{o: torch.from_numpy(np.stack(per[o])) for o in per},
         }
     torch.save(codes, out)
+
+
+def _load_codes(path: Path) -> dict:
+    """An :func:`embed` file, read without unpickling, with its code arrays back as NumPy."""
+    codes = load_tensors(path, "codes file")
+    return {
+        split: {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in part.items()}
+        for split, part in codes.items()
+    }
 
 
 def _slices(how: str) -> tuple[int, float | None]:
@@ -180,7 +192,7 @@ def score(
     from qcflow.qc import detection as det
 
     torch.set_num_threads(1)
-    all_codes = [torch.load(f, weights_only=False) for f in files]
+    all_codes = [_load_codes(f) for f in files]
     first = all_codes[0]
     labels = np.array(first["test_clean"]["labels"] + first["test_artifact"]["labels"])
     kinds = np.array(first["test_clean"]["kinds"] + first["test_artifact"]["kinds"])
@@ -226,7 +238,7 @@ def densities(files: list[Path], flow_fits: int) -> None:
     from qcflow.qc import detection as det
 
     torch.set_num_threads(1)
-    codes = [torch.load(f, weights_only=False) for f in files]
+    codes = [_load_codes(f) for f in files]
     first = codes[0]
     labels = np.array(first["test_clean"]["labels"] + first["test_artifact"]["labels"])
     kinds = np.array(first["test_clean"]["kinds"] + first["test_artifact"]["kinds"])

@@ -36,6 +36,7 @@ from qcflow.errors import QCFlowError
 __all__ = [
     "Scan",
     "discover_scans",
+    "unique_scan_ids",
     "resolve_data_root",
     "is_bids",
     "is_nifti_name",
@@ -318,7 +319,7 @@ def _path_tag(path: Path, base: Path | None, length: int) -> str:
     return hashlib.sha1(rel.encode("utf-8", "surrogateescape")).hexdigest()[:length]
 
 
-def _unique_ids(scans: list[Scan], base: Path | None = None) -> list[Scan]:
+def unique_scan_ids(scans: list[Scan], base: Path | None = None) -> list[Scan]:
     """Sorted by ``scan_id``; every scan of a group that shares an id gets ``-<tag>``.
 
     The tag is the first 8 hex digits of the SHA-1 of the file's path relative to ``base``
@@ -387,7 +388,7 @@ def discover_scans(root: str | Path, pattern: str | None = None) -> list[Scan]:
         scans = _discover_glob(text, pattern)
         if not scans:
             raise QCFlowError(f"{text}: no .nii/.nii.gz files match this glob")
-        return _unique_ids(scans, _abs(_glob_base(os.path.expanduser(text))))
+        return unique_scan_ids(scans, _abs(_glob_base(os.path.expanduser(text))))
     if not path.exists() and not path.is_symlink():
         raise QCFlowError(f"{path}: no such file or folder (data.root)")
     if not path.is_dir():
@@ -399,7 +400,7 @@ def discover_scans(root: str | Path, pattern: str | None = None) -> list[Scan]:
         where = f"sub-*/[ses-*/]anat/{pattern or _BIDS_PATTERN}.nii[.gz]"
         if not scans:
             raise QCFlowError(f"{path}: BIDS dataset without images matching {where}")
-        return _unique_ids(scans, path)
+        return unique_scan_ids(scans, path)
     scans = _plain_scans(_walk_nifti(path, pattern), path)
     if not scans:
         suffix = f" matching '{pattern}'" if pattern else ""
@@ -407,7 +408,7 @@ def discover_scans(root: str | Path, pattern: str | None = None) -> list[Scan]:
             f"{path}: no .nii/.nii.gz files{suffix} found "
             "(expected a BIDS dataset, a folder or a glob)"
         )
-    return _unique_ids(scans, path)
+    return unique_scan_ids(scans, path)
 
 
 def resolve_data_root(data_cfg: Any) -> Path | str:
