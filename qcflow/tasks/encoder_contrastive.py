@@ -4,7 +4,8 @@ Wiring only: the embedded/user data (bad scans skipped with their reason) ->
 :class:`~qcflow.data.contrastive.ContrastiveDataModule` with the k-space sampler of
 ``cfg.augment`` for the corrupted negatives -> :class:`~qcflow.lit.contrastive.ContrastiveEncoder`
 from ``cfg.model`` -> ``Trainer.fit``. The checkpoint lands in ``<run>/checkpoints/last.ckpt``,
-where ``flow_density`` finds it.
+where ``flow_density`` finds it. ``resume=true|auto|PATH`` continues a run from its checkpoint
+(:func:`qcflow.tasks.common.resume_plan`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from qcflow.data.contrastive import ContrastiveDataModule
-from qcflow.tasks.common import build_trainer, seed_all, trainer_metrics
+from qcflow.tasks.common import (
+    build_trainer,
+    fit,
+    prepare_resume,
+    resume_results,
+    seed_all,
+    trainer_metrics,
+)
 
 __all__ = ["run", "set_threads", "skipped_report", "curriculum_callbacks"]
 
@@ -68,9 +76,15 @@ def _positive_nuisance(spec: Any) -> Any:
         raise ConfigError(f"contrastive.positive_nuisance: {err}") from err
 
 
+def _samplers(dm: ContrastiveDataModule) -> dict[str, Any]:
+    """The k-space samplers training draws from (saved with a checkpoint when seeded)."""
+    return {"corrupt": dm.train_corrupt, "positive_nuisance": dm.positive_nuisance}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train the encoder; returns final losses, sizes, timing and skipped scans."""
     t0 = time.perf_counter()
+    resume = prepare_resume(cfg)  # first: may point paths.output_dir at the resumed run
     seed_all(cfg)
     set_threads(cfg)
     out = Path(cfg.paths.output_dir)
@@ -91,8 +105,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     t_data = time.perf_counter() - t0
     model = instantiate(cfg.model, figure_dir=str(out / "figures"), _convert_="all")
     curriculum = curriculum_callbacks(ccfg)
-    trainer = build_trainer(cfg, callbacks=curriculum)
-    trainer.fit(model, datamodule=dm)
+    trainer = build_trainer(cfg, callbacks=curriculum, samplers=lambda: _samplers(dm))
+    fit(trainer, model, dm, resume)
     results: dict[str, Any] = trainer_metrics(trainer)
     ckpt = out / "checkpoints" / "last.ckpt"
     results.update(
@@ -104,6 +118,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "total_seconds": round(time.perf_counter() - t0, 1),
             "torch_threads": torch.get_num_threads(),
             "checkpoint": str(ckpt) if ckpt.is_file() else None,
+            **resume_results(resume),
         }
     )
     if curriculum:  # (epoch, level) at every change of the negatives' ranges

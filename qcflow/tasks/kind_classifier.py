@@ -13,6 +13,14 @@ out) averaged over patch windows.
 Outputs in the run folder: ``classifier.pt`` (``{"state_dict", "classes", "widths"}``, written
 atomically; a student finds the latest one with ``uncertainty.context_init: latest``) and
 ``metrics.json`` (held-out patch accuracy, the volume-level confusion).
+
+The loop is hand-written (no Lightning), so it keeps its own resumable state: every
+``classifier.checkpoint_every`` steps (and after the last) ``checkpoints/last.ckpt`` gets the
+network, the Adam state, the step, the global random state, the patch-drawing generator and the
+k-space samplers' generators as they were when the volume bank was last corrupted (the bank is
+rebuilt from them on resume instead of being stored). ``resume=true|auto|PATH`` continues from
+it (:func:`qcflow.tasks.common.resume_plan`) and ends with the same classifier as an
+uninterrupted run (tested); the file loads with ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -29,16 +37,18 @@ from omegaconf import DictConfig
 
 from qcflow.errors import ConfigError
 from qcflow.models.unet import PatchContext
-from qcflow.tasks.common import seed_all
+from qcflow.tasks.common import prepare_resume, resume_results, seed_all
 from qcflow.utils.io import atomic_path
 from qcflow.utils.runs import find_latest_run
 
-__all__ = ["run", "volume_confusion", "classifier_path", "CLASSIFIER_FILE"]
+__all__ = ["run", "volume_confusion", "classifier_path", "CLASSIFIER_FILE", "CHECKPOINT_KEYS"]
 
 log = logging.getLogger(__name__)
 
 #: the classifier's file in its run folder
 CLASSIFIER_FILE = "classifier.pt"
+#: what the loop's resumable checkpoint (``checkpoints/last.ckpt``) holds
+CHECKPOINT_KEYS = ("step", "state_dict", "optimizer", "rng", "draw_rng", "bank_step", "bank_rng")
 
 
 def classifier_path(cfg: DictConfig, value: str) -> Path:
@@ -120,18 +130,27 @@ def volume_confusion(
     }
 
 
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
+    from qcflow.lit.resume import collect_rng_states, set_rng_states
     from qcflow.tasks.uncertainty_evaluate import _sampler, evaluation_volumes, kind_samplers
 
+    resume = prepare_resume(cfg, keys=CHECKPOINT_KEYS)  # may point output_dir at the run
     seed = seed_all(cfg)
     c = cfg.classifier
     kinds = [str(k) for k in c.kinds]
     patch, batch, steps = int(c.patch), int(c.batch), int(c.steps)
     redraw, holdout, margin = int(c.redraw), int(c.holdout), int(c.get("margin", 0))
-    if steps < 1 or batch < 1 or redraw < 0 or holdout < 1:
+    every = int(c.get("checkpoint_every", c.log_every))
+    if steps < 1 or batch < 1 or redraw < 0 or holdout < 1 or every < 0:
         raise ConfigError(
-            f"classifier: need steps >= 1, batch >= 1, redraw >= 0, holdout >= 1; got "
-            f"{steps}, {batch}, {redraw}, {holdout}"
+            f"classifier: need steps >= 1, batch >= 1, redraw >= 0, holdout >= 1, "
+            f"checkpoint_every >= 0; got {steps}, {batch}, {redraw}, {holdout}, {every}"
         )
     rng = np.random.default_rng(seed)
     volumes = evaluation_volumes(cfg, split=str(cfg.data.split))
@@ -142,9 +161,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     samplers = {k: _sampler(cfg, k, seed + 7 + i) for i, k in enumerate(kinds)}
     bank: list[list[torch.Tensor]] = []
+    # the samplers' generators when the bank was last drawn: a resume redraws it from them
+    bank_rng: dict[str, torch.Tensor] = {}
 
     def corrupt() -> None:
         bank.clear()
+        bank_rng.update({k: s._generator(None).get_state() for k, s in samplers.items()})
         for v in range(n):
             clean = volumes[v]["image"].float()
             bank.append([clean] + [samplers[k](clean)[0].float() for k in kinds])
@@ -166,10 +188,50 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     net = PatchContext(1, len(kinds) + 1, widths=widths, max_offset=1e6)  # unbounded logits
     opt = torch.optim.Adam(net.parameters(), lr=float(c.lr))
     train, test = list(range(n - holdout)), list(range(n - holdout, n))
-    accuracy = float("nan")
-    for step in range(1, steps + 1):
+    accuracy, final_loss, bank_step, first = float("nan"), float("nan"), 0, 1
+    out_dir = Path(str(cfg.paths.output_dir))
+    ckpt_path = out_dir / "checkpoints" / "last.ckpt"
+    if resume is not None:
+        saved = torch.load(resume.checkpoint, map_location="cpu", weights_only=True)
+        try:
+            net.load_state_dict(saved["state_dict"])
+            opt.load_state_dict(saved["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ConfigError(
+                f"resume: {resume.checkpoint} does not match this classifier ({err})"
+            ) from err
+        bank_step = int(saved["bank_step"])
+        if bank_step > 0:  # redraw the bank the run was using, from the same generators
+            for k, state in saved["bank_rng"].items():
+                samplers[k]._generator(None).set_state(state)
+            corrupt()
+        set_rng_states(saved["rng"])
+        rng.bit_generator.state = saved["draw_rng"]
+        first = int(saved["step"]) + 1
+        accuracy = float(saved.get("accuracy", accuracy))
+        final_loss = float(saved.get("loss", final_loss))
+        log.info("resume: kind classifier continues after step %d", first - 1)
+
+    def checkpoint(step: int) -> None:
+        state = {
+            "step": step,
+            "state_dict": net.state_dict(),
+            "optimizer": opt.state_dict(),
+            "rng": collect_rng_states(),
+            "draw_rng": rng.bit_generator.state,
+            "bank_step": bank_step,
+            "bank_rng": dict(bank_rng),
+            "accuracy": accuracy,
+            "loss": final_loss,
+            "classes": ["none", *kinds],
+            "widths": widths,
+        }
+        _save_checkpoint(ckpt_path, state)
+
+    for step in range(first, steps + 1):
         if redraw and step % redraw == 0:
             corrupt()
+            bank_step = step
         net.train()
         x, y = draw(train)
         loss = F.cross_entropy(net.logits(x), y)
@@ -188,7 +250,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     )
                 )
             log.info("step %d loss %.3f held-out patch accuracy %.3f", step, loss.item(), accuracy)
-    out_dir = Path(str(cfg.paths.output_dir))
+        final_loss = float(loss.item())
+        if (every and step % every == 0) or step == steps:
+            checkpoint(step)
     classes = ["none", *kinds]
     with atomic_path(out_dir / CLASSIFIER_FILE) as tmp:
         torch.save({"state_dict": net.state_dict(), "classes": classes, "widths": widths}, tmp)
@@ -196,9 +260,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "classes": classes,
         "steps": steps,
         "heldout_patch_accuracy": accuracy,
-        "final_loss": float(loss.item()),
+        "final_loss": final_loss,
         "classifier": str(out_dir / CLASSIFIER_FILE),
+        "checkpoint": str(ckpt_path),
         "fit_seconds": round(time.perf_counter() - t0, 2),
+        **resume_results(resume),
     }
     if int(c.eval_volumes) > 0:
         bank.clear()

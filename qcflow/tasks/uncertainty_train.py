@@ -9,6 +9,9 @@
   kind (experiments ``uncertainty_teacher_<kind>``, or ``uncertainty.teacher_ckpts.<kind>``).
 
 Corruption happens per whole volume before patch sampling (``PairedPatchDataModule``).
+``resume=true|auto|PATH`` continues a stage's run from its checkpoint
+(:func:`qcflow.tasks.common.resume_plan`; the patch queue is rebuilt, see
+:mod:`qcflow.lit.resume`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,14 @@ from omegaconf import DictConfig, OmegaConf
 from qcflow.errors import ConfigError
 from qcflow.lit.callbacks import EpsilonSchedule
 from qcflow.lit.uncertainty import PairedPatchDataModule, UncertaintySeg, sources_for
-from qcflow.tasks.common import build_trainer, seed_all, trainer_metrics
+from qcflow.tasks.common import (
+    build_trainer,
+    fit,
+    prepare_resume,
+    resume_results,
+    seed_all,
+    trainer_metrics,
+)
 from qcflow.utils.stages import load_stage, task_checkpoint, teacher_checkpoints
 
 __all__ = ["run", "build_sampler", "build_module"]
@@ -140,6 +150,7 @@ def _init_context(module: UncertaintySeg, path: Path) -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit one stage; returns the trainer's last metrics, role, kinds and checkpoint path."""
+    resume = prepare_resume(cfg)  # first: may point paths.output_dir at the resumed run
     seed_all(cfg)
     ucfg = cfg.uncertainty
     module = build_module(cfg)
@@ -149,9 +160,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     sampler = build_sampler(cfg, module.kinds, negatives)
     datamodule = PairedPatchDataModule(cfg.data, sampler=sampler)
     schedule = EpsilonSchedule(**OmegaConf.to_container(ucfg.schedule, resolve=True))  # type: ignore[arg-type]
-    trainer = build_trainer(cfg, callbacks=[schedule])
+    trainer = build_trainer(cfg, callbacks=[schedule], samplers=lambda: {"augment": sampler})
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    fit(trainer, module, datamodule, resume)
     out: dict[str, Any] = {
         "role": module.role,
         "kinds": module.kinds,
@@ -164,6 +175,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "fit_seconds": round(time.perf_counter() - t0, 2),
         "checkpoint": str(cfg.paths.output_dir) + "/checkpoints/last.ckpt",
         "context_init": getattr(module, "context_source", None),
+        **resume_results(resume),
     }
     out.update(trainer_metrics(trainer))
     return out
