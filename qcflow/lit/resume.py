@@ -80,8 +80,16 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
         (str(kind), keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached))
     )
     torch.set_rng_state(states["torch"])
-    if states.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    cuda = states.get("cuda")
+    if cuda and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            log.warning(
+                "resume: %d CUDA generator states saved, %d devices now; CUDA draws differ",
+                len(cuda),
+                torch.cuda.device_count(),
+            )
 
 
 def _train_loaders(trainer: pl.Trainer) -> list[Any]:

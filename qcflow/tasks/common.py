@@ -311,9 +311,18 @@ def _config_differences(saved: Path, cfg: DictConfig, limit: int = 6) -> list[st
             return out
         return {prefix[:-1]: d}
 
+    def interpolated(v: Any) -> bool:  # one side resolved, the other not: not comparable
+        return isinstance(v, str) and "${" in v
+
     a, b = flat(before), flat(now)
     skip = ("resume", "paths.")
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(skip))
+    keys = sorted(
+        k
+        for k in set(a) | set(b)
+        if a.get(k) != b.get(k)
+        and not k.startswith(skip)
+        and not (interpolated(a.get(k)) or interpolated(b.get(k)))
+    )
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:limit]] + (
         [f"... {len(keys) - limit} more"] if len(keys) > limit else []
     )
