@@ -166,3 +166,19 @@ def test_resample_skipped_only_at_target_spacing(tmp_path: Path) -> None:
     subject = tio.Subject(image=pp._load_image(two, label=False))
     slow = pp.make_transform(pcfg, resample=True)(subject)["image"].data
     assert torch.allclose(fast["image"], slow, atol=1e-4)
+
+
+def test_preprocessing_leaves_the_global_rng_alone(tmp_path: Path) -> None:
+    """A cold cache (TorchIO transforms draw torch.rand) must not shift later random draws."""
+    import torch
+
+    from qcflow.data.discovery import discover_scans
+    from qcflow.data.preprocess import PreprocessConfig, preprocess_scan
+    from qcflow.testing import write_good_scan
+
+    scan = discover_scans(write_good_scan(tmp_path / "a_T1w.nii.gz"))[0]
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    preprocess_scan(scan, PreprocessConfig(shape=(16, 16, 16)))
+    assert torch.equal(torch.rand(3), expected)

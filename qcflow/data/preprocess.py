@@ -202,7 +202,10 @@ def preprocess_scan(scan: Scan, pcfg: PreprocessConfig, with_label: bool = True)
     spacing = np.broadcast_to(np.asarray(pcfg.spacing, dtype=float), (3,))
     resample = not np.allclose(subject["image"].spacing, spacing, atol=1e-3)
     try:
-        out = make_transform(pcfg, resample=resample)(subject)
+        # TorchIO draws torch.rand(1) per transform call: isolated, so that whether the cache
+        # was warm never changes a later model initialisation or data order
+        with torch.random.fork_rng(devices=[]):
+            out = make_transform(pcfg, resample=resample)(subject)
     except Exception as exc:  # TorchIO raises plain errors for e.g. mismatched label grids
         raise ScanError(scan.path, f"preprocessing failed: {exc}".splitlines()[0]) from exc
     result: dict[str, Any] = {

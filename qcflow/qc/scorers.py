@@ -21,8 +21,9 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
-from qcflow.data.preprocess import PreprocessConfig
-from qcflow.errors import ConfigError
+from qcflow.data.preprocess import PreprocessConfig, file_digest
+from qcflow.errors import BadFileError, ConfigError
+from qcflow.utils.io import open_regular
 
 __all__ = ["DensityScorer", "UncertaintyScorer", "stage_data_config"]
 
@@ -88,9 +89,12 @@ class DensityScorer:
         d = int(self.density.features)
         self.columns = (*(f"m_{j + 1}" for j in range(d)), "log_density")
         self.columns += ("density_percentile", "qc_decision")
-        digest = hashlib.sha1((run / FLOW_FILE).read_bytes())
-        for encoder_ckpt in ckpts:
-            digest.update(encoder_ckpt.read_bytes())
+        # SHA-1 of the bundle's and the encoders' bytes, read in chunks from regular files
+        digest = hashlib.sha1()
+        for file in (run / FLOW_FILE, *ckpts):
+            with open_regular(file) as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
         self.identity = f"density-{digest.hexdigest()[:12]}-{review_tau}-{fail_tau}"
         self.thresholds = {"review_tau": review_tau, "fail_tau": fail_tau}
         self.thresholds |= {"review_log_density": self.review_thr}
@@ -227,6 +231,8 @@ class UncertaintyScorer:
             raise ConfigError(f"{path}: uncertainty checkpoint not found")
         try:
             module = load_stage(path)
+        except BadFileError:  # one line naming the file already
+            raise
         except Exception as exc:
             raise ConfigError(f"{path}: not a qcflow uncertainty checkpoint ({exc})") from exc
         if module.role == "task":
@@ -251,7 +257,7 @@ class UncertaintyScorer:
             "gm_volume_ml",
             "gm_volume_sd_ml",
         )
-        digest = hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+        digest = file_digest(path)[:12]
         self.identity = f"uncertainty-{digest}-{self.roi_size}-{self.overlap}"
 
     def to(self, device: torch.device | str) -> UncertaintyScorer:

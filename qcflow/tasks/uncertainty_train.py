@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from qcflow.errors import ConfigError
+from qcflow.errors import BadFileError, ConfigError
 from qcflow.lit.callbacks import EpsilonSchedule
 from qcflow.lit.uncertainty import PairedPatchDataModule, UncertaintySeg, sources_for
 from qcflow.tasks.common import (
@@ -36,6 +35,7 @@ from qcflow.tasks.common import (
     seed_all,
     trainer_metrics,
 )
+from qcflow.utils.bundles import load_tensors
 from qcflow.utils.stages import load_stage, task_checkpoint, teacher_checkpoints
 
 __all__ = ["run", "build_sampler", "build_module"]
@@ -138,12 +138,14 @@ def _init_context(module: UncertaintySeg, path: Path) -> None:
     if not path.is_file():
         raise ConfigError(f"{path}: context classifier not found")
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_tensors(path, "kind classifier")
         classes = [str(c) for c in saved["classes"]]
         clf = PatchContext(1, len(classes), widths=saved["widths"])
         clf.load_state_dict(saved["state_dict"])
         module.net.context.init_from_classifier(clf, classes, module.kinds)
-    except (KeyError, RuntimeError, ValueError) as err:
+    except (KeyError, RuntimeError, ValueError, TypeError) as err:
+        if isinstance(err, BadFileError):
+            raise
         raise ConfigError(f"{path}: not a usable kind classifier ({err})") from err
     log.info("context branch initialised from %s", path)
 

@@ -102,9 +102,11 @@ def teacher_checkpoints(
 def load_stage(path: str | Path, map_location: str = "cpu") -> Any:
     """An :class:`~qcflow.lit.uncertainty.UncertaintySeg` from a checkpoint, in eval mode."""
     from qcflow.lit.uncertainty import UncertaintySeg
+    from qcflow.utils.bundles import load_checkpoint
 
-    module = UncertaintySeg.load_from_checkpoint(
-        str(path), map_location=map_location, weights_only=True
+    # weights_only=True, a regular file of bounded size, one-line BadFileError otherwise
+    module = load_checkpoint(
+        UncertaintySeg, path, "uncertainty checkpoint", map_location=map_location
     )
     module.eval()
     module.requires_grad_(False)
