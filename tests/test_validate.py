@@ -39,7 +39,15 @@ def read_tsv(path: Path) -> pd.DataFrame:
 
 def check_report(table: pd.DataFrame, root: Path, expected_bad: dict[str, str]) -> None:
     """Every file has a row; good ones are ok with shape and voxel size; bad ones say why."""
-    assert list(table.columns) == ["scan_id", "path", "status", "reason", "shape", "voxel_size", "warning"]
+    assert list(table.columns) == [
+        "scan_id",
+        "path",
+        "status",
+        "reason",
+        "shape",
+        "voxel_size",
+        "warning",
+    ]
     rows = {
         Path(p).relative_to(root).as_posix(): row for p, row in table.set_index("path").iterrows()
     }
