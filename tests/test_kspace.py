@@ -85,13 +85,15 @@ def test_forward_pruned_equals_restricted_rfftn() -> None:
     idx_d = torch.tensor([0, 1, 2, 30, 31])
     idx_w = torch.tensor([0, 3, 7])
     sup = (AxisSupport(32, index=idx_d), AxisSupport(40), AxisSupport(36, halved=True, index=idx_w))
+    # float32 FFTs: the error scales with the largest coefficient (the DC term, ~4e3 here)
+    atol = 1e-6 * float(ref.abs().max())
     got = forward_pruned(x, sup)
     want = ref[:, idx_d][..., idx_w]
-    assert torch.allclose(got, want, atol=1e-4, rtol=1e-5)
+    assert torch.allclose(got, want, atol=atol, rtol=1e-5)
     # a folded axis holds the multiples of its period
     sup = (AxisSupport(32, period=4), AxisSupport(40), AxisSupport(36, halved=True, period=3))
     got = forward_pruned(x, sup)
-    assert torch.allclose(got, ref[:, ::4][..., ::3], atol=1e-4, rtol=1e-5)
+    assert torch.allclose(got, ref[:, ::4][..., ::3], atol=atol, rtol=1e-5)
 
 
 def test_bias_field_matches_torchio() -> None:

@@ -75,6 +75,7 @@ def test_run_writes_validation_tsv(
         "n_scans": len(GOOD) + n_bad,
         "n_ok": len(GOOD),
         "n_error": n_bad,
+        "n_warning": 0,
         "validation_tsv": str(tmp_path / "out" / "validation.tsv"),
     }
     check_report(read_tsv(Path(result["validation_tsv"])), root, expected_bad)
