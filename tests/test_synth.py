@@ -21,6 +21,9 @@ from qcflow.data.synth import (
     SEVERITY_RANGES,
     SPLITS,
     EmbeddedConfig,
+    acquisition,
+    artifacts,
+    build,
     embedded_name,
     ensure_embedded,
 )
@@ -184,7 +187,7 @@ def test_labels_aligned_and_t1_ordering(small_embedded: Path) -> None:
 def test_file_matches_generator_in_ras(small_embedded: Path) -> None:
     """A non-RAS cohort's file, canonicalised, is the generator's RAS array and affine."""
     cfg = EmbeddedConfig(dir=str(small_embedded.parent), **SMALL_EMBEDDED)
-    specs = [s for s in synth._plan(cfg)["train"] if s.cohort.orientation not in ("RAS",)]
+    specs = [s for s in synth.plan_scans(cfg)["train"] if s.cohort.orientation not in ("RAS",)]
     assert {s.cohort.orientation for s in specs} >= {"LPS", "PIL"}
     for spec in specs[:2]:
         out = synth.synthesize_scan(spec, cfg.spacing)
@@ -260,7 +263,7 @@ def test_determinism(tmp_path: Path) -> None:
 def test_interrupted_build_is_not_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = {**TINY, "dir": str(tmp_path)}
     calls = {"n": 0}
-    real = synth._write_scan
+    real = build.write_scan
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -268,14 +271,14 @@ def test_interrupted_build_is_not_trusted(tmp_path: Path, monkeypatch: pytest.Mo
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(synth, "_write_scan", flaky)
+    monkeypatch.setattr(build, "write_scan", flaky)
     with pytest.raises(RuntimeError, match="simulated crash"):
         ensure_embedded(cfg)
     assert list(tmp_path.iterdir()) == []  # nothing trusted, temp folder removed
     # a crash that leaves a half-written folder under the final name (no marker): rebuilt
     name = embedded_name(EmbeddedConfig.from_mapping(cfg))
     (tmp_path / name / "train").mkdir(parents=True)
-    monkeypatch.setattr(synth, "_write_scan", real)
+    monkeypatch.setattr(build, "write_scan", real)
     root, info = ensure_embedded(cfg, return_info=True)
     assert root.name == name and not info["reused"]
     assert (root / "dataset_complete.json").is_file()
@@ -286,7 +289,7 @@ def test_reuse_does_not_rebuild(small_embedded: Path, monkeypatch: pytest.Monkey
     def boom(*args, **kwargs):
         raise AssertionError("rebuilt")
 
-    monkeypatch.setattr(synth, "build_embedded", boom)
+    monkeypatch.setattr(build, "build_embedded", boom)
     cfg = OmegaConf.create({"dir": str(small_embedded.parent), **SMALL_EMBEDDED})
     t0 = time.perf_counter()
     root, info = ensure_embedded(cfg, return_info=True)
@@ -324,7 +327,7 @@ def test_config_validation_and_naming(tmp_path: Path, monkeypatch: pytest.Monkey
         "mni1p5mm_"
     )
     assert embedded_name(EmbeddedConfig.from_mapping({**base, "progress": True})) == name
-    monkeypatch.setattr(synth, "GENERATOR_VERSION", "test")
+    monkeypatch.setattr(build, "GENERATOR_VERSION", "test")
     assert embedded_name(cfg) != name
 
 
@@ -347,21 +350,30 @@ def test_sample_artifact(kind: str) -> None:
         synth.sample_artifact(kind, 4, np.random.default_rng(0), COHORTS[0])
 
 
+def test_kinds_derive_from_kspace() -> None:
+    """Every simulated kind is in the test set; the rest are the never-simulated ones."""
+    from qcflow.kspace import KINDS
+
+    assert set(KINDS) <= set(ARTIFACT_KINDS)
+    assert synth.UNSIMULATED_KINDS == ("ghosting", "missing_side", "misregistration", "t2_contrast")
+    assert set(SEVERITY_RANGES) == set(ARTIFACT_KINDS) == set(artifacts._DRAWS)
+
+
 def test_kspace_acquire_noise_and_identity() -> None:
     rng = np.random.default_rng(0)
     img = torch.rand(16, 20, 24) + 0.5
-    same = synth._kspace_acquire(img, (1.0, 1.0, 1.0), 0.0, rng)
+    same = acquisition.kspace_acquire(img, (1.0, 1.0, 1.0), 0.0, rng)
     torch.testing.assert_close(same, img, atol=1e-5, rtol=1e-5)
-    noise = synth._kspace_acquire(torch.zeros(32, 32, 32), (1.0, 1.0, 1.0), 2.0, rng)
+    noise = acquisition.kspace_acquire(torch.zeros(32, 32, 32), (1.0, 1.0, 1.0), 2.0, rng)
     assert noise.mean().item() == pytest.approx(2.0 * np.sqrt(np.pi / 2), rel=0.03)  # Rayleigh
     # truncation keeps the image-domain noise level
-    low = synth._kspace_acquire(torch.zeros(32, 32, 32), (1.0, 1.0, 0.5), 2.0, rng)
+    low = acquisition.kspace_acquire(torch.zeros(32, 32, 32), (1.0, 1.0, 0.5), 2.0, rng)
     assert low.mean().item() == pytest.approx(2.0 * np.sqrt(np.pi / 2), rel=0.05)
 
 
 def test_fold_conserves_signal() -> None:
     x = torch.rand(10, 30, 6)
-    out = synth._fold(x, 1, 5, 20)
+    out = artifacts.fold(x, 1, 5, 20)
     assert out.shape == (10, 20, 6)
     torch.testing.assert_close(out.sum(), x.sum())
     torch.testing.assert_close(out[:, :, :], x[:, 5:25] + torch.cat(
