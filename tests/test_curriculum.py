@@ -11,7 +11,7 @@ import torch
 from qcflow.data.contrastive import NegativeBank
 from qcflow.kspace import RandomArtifacts
 from qcflow.kspace.sampler import interpolate_ranges
-from qcflow.lit.callbacks import SeverityCurriculum
+from qcflow.lit.curriculum import SeverityCurriculum
 from qcflow.tasks.encoder_contrastive import curriculum_callbacks
 from tests.helpers import compose_cfg
 

@@ -120,12 +120,15 @@ def _ddp_env() -> dict[str, str]:
     drop = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"}
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("PL_")}
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", MASTER_ADDR="127.0.0.1")
+    # the repository root, for test instrumentation (tests.ddp_probe) in the subprocess
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env["MASTER_PORT"] = str(_free_port())
     return env
 
 
 def _state_sha(state: dict) -> str:
-    """SHA-256 of a state dict, as :class:`qcflow.lit.callbacks.DDPProbe` computes it."""
+    """SHA-256 of a state dict, as :class:`tests.ddp_probe.DDPProbe` computes it."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -155,7 +158,7 @@ def test_segmentation_ddp_two_processes(small_embedded: Path, tmp_path: Path) ->
         "trainer.enable_progress_bar=false",
         # a plateau is declared at epoch 2 whatever the loss: both ranks must halve together
         "uncertainty.schedule.patience=1", "uncertainty.schedule.min_delta=10",
-        "+callbacks.probe._target_=qcflow.lit.callbacks.DDPProbe",
+        "+callbacks.probe._target_=tests.ddp_probe.DDPProbe",
         f"+callbacks.probe.folder={probe}", f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
     res = subprocess.run(

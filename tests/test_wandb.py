@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from qcflow.cli import run_task
-from qcflow.lit.callbacks import artifact_examples
+from qcflow.lit.wandb_media import artifact_examples
 from qcflow.utils import wandb as qc_wandb
 from tests.helpers import compose_cfg
 from tests.test_iqc_pipeline import TINY, TINY_ENCODER

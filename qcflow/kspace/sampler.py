@@ -479,7 +479,7 @@ class RandomArtifacts:
     def with_ranges(self, ranges: Mapping[str, Any]) -> RandomArtifacts:
         """A copy that draws from ``ranges`` (kind -> range or ``None``), all else the same.
 
-        Used by a severity schedule (:class:`qcflow.lit.callbacks.SeverityCurriculum`) with
+        Used by a severity schedule (:class:`qcflow.lit.curriculum.SeverityCurriculum`) with
         :func:`interpolate_ranges`; the copy starts its own generator stream.
         """
         unknown = sorted(set(ranges) - set(_RANGES))

@@ -89,7 +89,7 @@ def build_trainer(
 
     :class:`~qcflow.lit.resume.ResumeState` is always added: every checkpoint carries the random
     state, so a resumed fit continues like an uninterrupted one. With a W&B logger,
-    :class:`~qcflow.lit.callbacks.WandbMedia` is added: the run gets the resolved config, the
+    :class:`~qcflow.lit.wandb_media.WandbMedia` is added: the run gets the resolved config, the
     figures the module writes to ``<run>/figures`` and artifact examples.
 
     Args:
@@ -106,7 +106,7 @@ def build_trainer(
     if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
         from omegaconf import OmegaConf
 
-        from qcflow.lit.callbacks import WandbMedia
+        from qcflow.lit.wandb_media import WandbMedia
 
         # the dashboard: resolved config, figures of <run>/figures, artifact examples
         config = OmegaConf.to_container(cfg, resolve=True)

@@ -53,7 +53,7 @@ def curriculum_callbacks(ccfg: Any) -> list[Any]:
         return []
     from omegaconf import OmegaConf
 
-    from qcflow.lit.callbacks import SeverityCurriculum
+    from qcflow.lit.curriculum import SeverityCurriculum
 
     kwargs = OmegaConf.to_container(cur, resolve=True) if isinstance(cur, DictConfig) else cur
     kwargs = {k: v for k, v in dict(kwargs).items() if k != "enabled"}

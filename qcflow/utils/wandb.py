@@ -11,7 +11,7 @@ no network call at all. Offline runs are synced later with
 ``wandb sync <run>/wandb/offline-run-*``; checkpoints are uploaded as model artifacts only online
 (``conf/logger/wandb.yaml``).
 
-Dashboard content: Lightning logs losses and metrics; :class:`qcflow.lit.callbacks.WandbMedia`
+Dashboard content: Lightning logs losses and metrics; :class:`qcflow.lit.wandb_media.WandbMedia`
 adds the resolved config, new figures of ``<run>/figures`` and a grid of artifact examples from
 the first training batch; tasks without a Trainer call :func:`log_images`, :func:`log_table` and
 (via the CLI) :func:`log_summary`. Every helper takes a ``source`` -- a ``pl.Trainer``, a
