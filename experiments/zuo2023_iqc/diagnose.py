@@ -36,25 +36,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qcflow.data.synth import UNSIMULATED_KINDS
 from qcflow.utils.bundles import load_tensors
 
 N_SLICES = 60  # central slices per orientation kept by ``embed``
-NEVER = ("ghosting", "missing_side", "misregistration", "t2_contrast")
+NEVER = UNSIMULATED_KINDS  # the test set's kinds that no encoder trained on
 
 
 def embed(run: Path, out: Path) -> None:
     from qcflow.api import compose_config
     from qcflow.data.datasets import ORIENTATIONS, central_indices, extract_slice, fit_square
-    from qcflow.tasks.flow_density import load_encoder
-    from qcflow.tasks.iqc_evaluate import _load_set
+    from qcflow.runs.flow import load_encoder
+    from qcflow.tasks.iqc_evaluate import load_evaluation_set
 
     torch.set_num_threads(1)
     encoder = load_encoder(sorted((run / "checkpoints").glob("epoch*.ckpt"))[-1])
     cfg = compose_config(["experiment=iqc_evaluate", "data.slice_size=112"])
     codes: dict[str, dict] = {}
     for split, label in (("train", 0), ("test_clean", 0), ("test_artifact", 1)):
-        s = _load_set(cfg, split, None, label)
-        volumes = s["dm"]._volumes(s["dm"].scans)
+        s = load_evaluation_set(cfg, split, None, label)
+        volumes = s["dm"].volumes(s["dm"].scans)
         per: dict[str, list[np.ndarray]] = {o: [] for o in ORIENTATIONS}
         for i in range(len(volumes)):
             v = volumes.volume(i)["image"]  # (1, D, H, W)
@@ -125,13 +126,14 @@ def _fit_log_prob(
     seeds the initialisation and the split; ``mixture > 1`` fits the equal mixture of that many
     flows (``model.mixture``).
     """
-    from qcflow.models.flow import DensityFlow, fit_flow
+    from qcflow.lit.flow import fit_density
+    from qcflow.models.flow import DensityFlow
     from qcflow.tasks.flow_density import flow_settings
 
     flow_config, fit_kwargs = flow_settings(_flow_model(mixture), tr.shape[1])
     torch.manual_seed(seed)
     density = DensityFlow(**flow_config)
-    fit_flow(density, torch.tensor(tr, dtype=torch.float32),
+    fit_density(density, torch.tensor(tr, dtype=torch.float32),
              generator=torch.Generator().manual_seed(seed), **fit_kwargs)  # fmt: skip
     with torch.no_grad():
         ltr = density.log_prob(torch.tensor(tr, dtype=torch.float32)).double().numpy()
@@ -279,7 +281,7 @@ def _shape(name: Path, codes: dict) -> None:
 
     from qcflow.api import compose_config
     from qcflow.data.discovery import resolve_data_root
-    from qcflow.tasks.iqc_evaluate import _data_cfg
+    from qcflow.tasks.iqc_evaluate import evaluation_data_cfg
 
     cfg = compose_config(["experiment=iqc_evaluate"])
     tr = _rep(codes, "train", "ax20")
@@ -290,7 +292,7 @@ def _shape(name: Path, codes: dict) -> None:
     z, snr, bias = [], [], []
     for split in ("train", "test_clean"):
         r = codes[split]
-        table = Path(resolve_data_root(_data_cfg(cfg, split, None))) / "artifacts.tsv"
+        table = Path(resolve_data_root(evaluation_data_cfg(cfg, split, None))) / "artifacts.tsv"
         if not table.is_file():
             return
         params = pd.read_csv(table, sep="\t").set_index("participant_id")["params"]
