@@ -90,7 +90,7 @@ def volumes(small_embedded: Path, tmp_path_factory: pytest.TempPathFactory):
     cfg = compose_cfg([f"data.root={small_embedded / 'train'}", "data.spacing=4.0"], out)
     dm = VolumeDataModule(cfg.data)
     dm.prepare()
-    return dm._volumes(dm.scans[:3])
+    return dm.volumes(dm.scans[:3])
 
 
 def test_items_positive_same_volume_other_orientation(volumes) -> None:

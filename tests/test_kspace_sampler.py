@@ -53,6 +53,13 @@ def test_records_are_json_and_replay_exactly() -> None:
         assert torch.equal(apply_artifacts(x, params), y)
 
 
+def test_shaw2021_kinds_are_every_kind_but_bias() -> None:
+    from qcflow.kspace import SHAW2021_KINDS
+
+    assert len(set(SHAW2021_KINDS)) == len(SHAW2021_KINDS)
+    assert set(SHAW2021_KINDS) == set(KINDS) - {"bias"}
+
+
 def test_every_kind_applied_with_rate_one() -> None:
     aug = RandomArtifacts.paper(rate=1.0, seed=1)
     assert aug.kinds == KINDS

@@ -88,6 +88,11 @@ torch.set_num_threads(ARGS.threads)
 sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(ARGS.threads)
 
 SIZE_160 = (160, 192, 160)
+#: the kinds of qcflow.kspace.KINDS in the order of the TorchIO Compose that the README measured
+#: (its seeded draws depend on the order)
+TORCHIO_ORDER = ("spike", "noise", "blur", "wrap", "motion", "bias")
+if sorted(TORCHIO_ORDER) != sorted(KINDS):
+    raise SystemExit(f"kspace_benchmark: TORCHIO_ORDER {TORCHIO_ORDER} must order KINDS {KINDS}")
 MOTION_RANGE = {"num_movements": [2, 2]}  # TorchIO RandomMotion's default: 2 movements
 
 
@@ -237,10 +242,8 @@ def bench_size(vol: torch.Tensor, shape: tuple[int, ...], quick: bool, runs: int
     tk = torchio_kinds()
     full = RandomArtifacts.paper(rate=1.0, motion=MOTION_RANGE)
     no_motion = RandomArtifacts.paper(rate=1.0, motion=None)
-    compose_full = tio.Compose(
-        [tk[k] for k in ("spike", "noise", "blur", "wrap", "motion", "bias")]
-    )
-    compose_no_motion = tio.Compose([tk[k] for k in ("spike", "noise", "blur", "wrap", "bias")])
+    compose_full = tio.Compose([tk[k] for k in TORCHIO_ORDER])
+    compose_no_motion = tio.Compose([tk[k] for k in TORCHIO_ORDER if k != "motion"])
     fns = {
         "fused_full": ours(x, full, runs + w),
         "torchio_compose_full": theirs(compose_full, subject),

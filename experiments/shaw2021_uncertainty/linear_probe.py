@@ -38,6 +38,7 @@ def main() -> None:
 
     from qcflow.api import compose_config
     from qcflow.errors import ConfigError
+    from qcflow.kspace import SHAW2021_KINDS
     from qcflow.qc.iqm import head_mask
     from qcflow.tasks.common import resolve_checkpoint
     from qcflow.tasks.uncertainty_evaluate import evaluation_volumes, kind_samplers
@@ -57,7 +58,7 @@ def main() -> None:
     two_head = load_stage(ckpt).net
     unet, context = two_head.net, two_head.context
     presence: dict[str, list] = {}
-    kinds = ["spike", "noise", "blur", "wrap", "motion"]
+    kinds = list(SHAW2021_KINDS)
     feats: dict[str, torch.Tensor] = {}
     unet.bottleneck.register_forward_hook(lambda m, i, o: feats.__setitem__("b", o))
     for j, up in enumerate(unet.upsamples):

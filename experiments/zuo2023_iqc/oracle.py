@@ -70,7 +70,7 @@ def load_slices(
 
     from qcflow.api import compose_config
     from qcflow.data.contrastive import axial_stack, corrupt_volume
-    from qcflow.tasks.iqc_evaluate import _load_set
+    from qcflow.tasks.iqc_evaluate import load_evaluation_set
 
     extra = [f"data.embedded.{o}" for o in embedded or []]
     n_slices, size = slice_geometry(spacing)
@@ -87,8 +87,8 @@ def load_slices(
     dtype = torch.float32 if spacing >= 2.0 else torch.float16
     out = {}
     for split, label in (("train", 0), ("test_clean", 0), ("test_artifact", 1)):
-        s = _load_set(cfg, split, None, label)
-        volumes = s["dm"]._volumes(s["dm"].scans)
+        s = load_evaluation_set(cfg, split, None, label)
+        volumes = s["dm"].volumes(s["dm"].scans)
         volumes.in_memory = False
         x, bad = [], []
         for i in range(len(volumes)):

@@ -420,7 +420,7 @@ class ContrastiveDataModule(ScanDataModule):
         spacing = float(spacing[0] if isinstance(spacing, Sequence) else spacing)
         percentiles = self.cfg.get("percentiles", (0.5, 99.5))
         return ContrastiveSliceDataset(
-            self._volumes(scans),
+            self.volumes(scans),
             size=int(self.cfg.get("slice_size", 128)),
             n_central=self.cfg.get("n_central_slices", 20),
             queries_per_volume=self.queries_per_volume if train else self.val_queries_per_volume,

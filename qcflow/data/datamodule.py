@@ -132,7 +132,9 @@ class ScanDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
 
-    def _volumes(self, scans: Sequence[Scan]) -> VolumeDataset:
+    def volumes(self, scans: Sequence[Scan]) -> VolumeDataset:
+        """The preprocessed volumes of ``scans`` (e.g. ``dm.volumes(dm.scans)``: every usable
+        scan), through this module's cache, with labels when the module has them."""
         return VolumeDataset(
             scans, self.cache, with_label=self.with_label, in_memory=self.cfg.get("in_memory", True)
         )
@@ -155,13 +157,13 @@ class VolumeDataModule(ScanDataModule):
     """Whole volumes. ``predict_dataloader`` covers every usable scan in a fixed order."""
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._volumes(self.train_scans), shuffle=True)
+        return self._loader(self.volumes(self.train_scans), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._volumes(self.val_scans), shuffle=False)
+        return self._loader(self.volumes(self.val_scans), shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self._volumes(self.scans), shuffle=False)
+        return self._loader(self.volumes(self.scans), shuffle=False)
 
 
 class SliceDataModule(ScanDataModule):
@@ -169,7 +171,7 @@ class SliceDataModule(ScanDataModule):
 
     def _slices(self, scans: Sequence[Scan]) -> SliceDataset:
         return SliceDataset(
-            self._volumes(scans),
+            self.volumes(scans),
             orientations=list(self.cfg.get("orientations", ["axial", "coronal", "sagittal"])),
             n_central=self.cfg.get("n_central_slices", 20),
             size=int(self.cfg.get("slice_size", 128)),
@@ -209,7 +211,7 @@ class PatchDataModule(ScanDataModule):
         ``subject_sampler``; padded so every rank takes the same number of steps) and the
         patch loader keeps all of its rank's patches (:class:`_RankQueueSampler`).
         """
-        subjects = PatchSubjectsDataset(self._volumes(scans), self.transform if train else None)
+        subjects = PatchSubjectsDataset(self.volumes(scans), self.transform if train else None)
         patch = tuple(int(p) for p in self.cfg.get("patch_size", [64, 64, 64]))
         spv = int(self.cfg.get("samples_per_volume", 8))
         trainer = getattr(self, "trainer", None)  # set by Lightning when it uses the module

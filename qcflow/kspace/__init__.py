@@ -36,6 +36,7 @@ from qcflow.kspace.functional import (
 from qcflow.kspace.motion import torchio_motion_to_params
 from qcflow.kspace.params import (
     KINDS,
+    SHAW2021_KINDS,
     ArtifactParams,
     BiasParams,
     BlurParams,
@@ -65,6 +66,7 @@ from qcflow.kspace.sampler import (
 
 __all__ = [
     "KINDS",
+    "SHAW2021_KINDS",
     "ArtifactParams",
     "BiasParams",
     "BiasRange",

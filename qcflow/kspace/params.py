@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 __all__ = [
     "KINDS",
+    "SHAW2021_KINDS",
     "ArtifactParams",
     "BiasParams",
     "BlurParams",
@@ -48,6 +49,10 @@ __all__ = [
 #: object (image domain), then the acquisition: motion, RF spike, thermal noise, and finally
 #: the k-space sampling (low-pass truncation and line masking).
 KINDS: tuple[str, ...] = ("bias", "motion", "spike", "noise", "blur", "wrap")
+#: the kinds of Shaw et al. (MELBA 2021, section 5: spike, noise, low-pass, line masking, with the
+#: MIDL 2019 motion model), in that order: every kind but the bias field. Method B's default
+#: artifact channels, in their channel order.
+SHAW2021_KINDS: tuple[str, ...] = ("spike", "noise", "blur", "wrap", "motion")
 
 #: radius (mm) at which the motion severity measures displacement (a brain is ~80 mm across
 #: half its width) and the displacement (mm) that counts as severity 1

@@ -222,7 +222,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     encoder = load_encoder(ckpts)
     dm = VolumeDataModule(cfg.data)
     dm.prepare()
-    volumes = dm._volumes(dm.scans)  # every usable scan: the unlabelled training volumes
+    volumes = dm.volumes(dm.scans)  # every usable scan: the unlabelled training volumes
     n_central = cfg.data.get("n_central_slices", 20)
     size = int(cfg.data.get("slice_size", 128))
     codes = embed_volumes(encoder, volumes, n_central, size, int(fcfg.get("batch_size", 64)))

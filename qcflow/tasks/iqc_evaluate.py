@@ -43,7 +43,13 @@ from qcflow.tasks.flow_density import (
 from qcflow.utils.runs import find_latest_run
 from qcflow.utils.wandb import log_images, log_table
 
-__all__ = ["run", "read_artifact_table", "simulated_kinds_of"]
+__all__ = [
+    "run",
+    "read_artifact_table",
+    "simulated_kinds_of",
+    "evaluation_data_cfg",
+    "load_evaluation_set",
+]
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +89,9 @@ def simulated_kinds_of(encoder_checkpoint: str | Path) -> list[str] | None:
     return kinds
 
 
-def _data_cfg(cfg: DictConfig, split: str | None, root: str | None) -> DictConfig:
+def evaluation_data_cfg(cfg: DictConfig, split: str | None, root: str | None) -> DictConfig:
+    """``cfg.data`` resolved, for one evaluation set: ``root`` (``None``: the embedded data),
+    its ``split`` when given, and no validation part (every scan is evaluated)."""
     data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
     with open_dict(data):
         data.root = root
@@ -93,8 +101,19 @@ def _data_cfg(cfg: DictConfig, split: str | None, root: str | None) -> DictConfi
     return data
 
 
-def _load_set(cfg: DictConfig, split: str | None, root: str | None, label: int) -> dict[str, Any]:
-    data = _data_cfg(cfg, split, root)
+def load_evaluation_set(
+    cfg: DictConfig, split: str | None, root: str | None, label: int
+) -> dict[str, Any]:
+    """One evaluation set: its data module (prepared) and, per usable scan, the artifact kind,
+    severity and label (0 clean, 1 artifact) from the set's ``artifacts.tsv``.
+
+    Scans missing from the table are ``none``/0 in a clean set (``label=0``) and
+    ``unknown``/-1 otherwise.
+
+    Returns:
+        ``{"dm": VolumeDataModule, "kinds": [...], "severity": [...], "labels": [...]}``.
+    """
+    data = evaluation_data_cfg(cfg, split, root)
     dm = VolumeDataModule(data)
     dm.prepare()
     table = read_artifact_table(resolve_data_root(data))
@@ -224,7 +243,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     vcache = _VolumeCache(flow_run / "eval_cache.pt" if ecfg.get("cache", True) else None)
 
     sets = [
-        _load_set(cfg, s.get("split"), s.get("root"), int(s.get("label", 1))) for s in ecfg.sets
+        load_evaluation_set(cfg, s.get("split"), s.get("root"), int(s.get("label", 1)))
+        for s in ecfg.sets
     ]
     scans = [scan for s in sets for scan in s["dm"].scans]
     kinds = [k for s in sets for k in s["kinds"]]
@@ -235,7 +255,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return embed_volumes(encoder, _OneVolume(image), n_central, size)[0]
 
     codes = np.stack(
-        [c for s in sets for c in vcache.get(s["dm"]._volumes(s["dm"].scans), "code", code)]
+        [c for s in sets for c in vcache.get(s["dm"].volumes(s["dm"].scans), "code", code)]
     )
     m = torch.as_tensor(codes, dtype=torch.float32)
     with torch.no_grad():
@@ -271,11 +291,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     baselines: dict[str, Any] = {}
     curves = {"p_M(m) flow": (*det.roc(-logp, labels), results["auroc"])}
     if ecfg.get("baselines"):
-        train = _load_set(cfg, ecfg.get("train_split", "train"), ecfg.get("train_root"), 0)
-        iqm_train = _iqms(train["dm"]._volumes(train["dm"].scans), vcache)
+        train = load_evaluation_set(
+            cfg, ecfg.get("train_split", "train"), ecfg.get("train_root"), 0
+        )
+        iqm_train = _iqms(train["dm"].volumes(train["dm"].scans), vcache)
         iqm_test: dict[str, list[np.ndarray]] = {}
         for s in sets:
-            for k, v in _iqms(s["dm"]._volumes(s["dm"].scans), vcache).items():
+            for k, v in _iqms(s["dm"].volumes(s["dm"].scans), vcache).items():
                 iqm_test.setdefault(k, []).append(v)
         for name, side in ecfg.baselines.items():
             values = np.concatenate(iqm_test[name])

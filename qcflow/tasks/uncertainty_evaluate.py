@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qcflow.data.datamodule import VolumeDataModule
+from qcflow.kspace import KINDS
 from qcflow.qc.iqm import compute_iqms, head_mask
 from qcflow.qc.segmentation import predict_volume, spearman, summarize_prediction, write_prediction
 from qcflow.tasks.common import resolve_checkpoint, seed_all
@@ -88,7 +89,7 @@ def _sampler(cfg: DictConfig, kind: str, seed: int) -> Any:
 
     aug = OmegaConf.to_container(cfg.augment, resolve=True)
     assert isinstance(aug, dict)
-    for k in ("spike", "noise", "blur", "wrap", "motion", "bias"):
+    for k in KINDS:  # every kind but the evaluated one off
         if k != kind:
             aug[k] = None
     aug[kind]["p"] = 1.0
@@ -104,7 +105,7 @@ def evaluation_volumes(cfg: DictConfig, split: str | None = None) -> Any:
         data_cfg.val_fraction = 0.0
     dm = VolumeDataModule(data_cfg, with_label=True)
     dm.prepare()
-    return dm._volumes(dm.scans)
+    return dm.volumes(dm.scans)
 
 
 def kind_samplers(cfg: DictConfig, kinds: list[str]) -> dict[str, Any]:
