@@ -11,7 +11,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.qcflow-installed
 # main job: method A's contrastive encoder (<= 10 min on 2 CPU cores incl. building the data)
 DEMO_EXPERIMENT ?= encoder_contrastive
-# single-threaded BLAS/OpenMP keeps tests stable on small machines (see PITFALLS.md)
+# single-threaded BLAS/OpenMP keeps tests stable on small machines (see docs/pitfalls.md)
 TEST_ENV = OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WANDB_MODE=disabled
 
 .PHONY: setup demo test lint format clean

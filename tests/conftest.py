@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# before torch is imported anywhere: 2 threads are 15-100x slower under load (PITFALLS.md)
+# before torch is imported anywhere: 2 threads are 15-100x slower under load (docs/pitfalls.md)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ["WANDB_MODE"] = "disabled"

@@ -271,7 +271,7 @@ def test_train_flow_evaluate_cli(small_embedded: Path, tmp_path: Path) -> None:
 
 
 def test_encoder_ddp_two_processes_gathers_negatives(small_embedded: Path, tmp_path: Path) -> None:
-    """2-process CPU DDP (gloo) in a subprocess with a clean environment (PITFALLS.md)."""
+    """2-process CPU DDP (gloo) in a subprocess with a clean environment (docs/pitfalls.md)."""
     import os
 
     env_backup = {k: os.environ.pop(k) for k in ("MASTER_PORT", "MASTER_ADDR") if k in os.environ}

@@ -230,7 +230,8 @@ class PatchDataModule(ScanDataModule):
             samples_per_volume=spv,
             sampler=tio.UniformSampler(patch),
             subject_sampler=subject_sampler,
-            # the queue has its own workers; the DataLoader around it must use none (PITFALLS)
+            # the queue has its own workers; the DataLoader around it must use none
+            # (docs/pitfalls.md)
             num_workers=int(self.cfg.get("num_workers", 0)),
             shuffle_subjects=train and subject_sampler is None,
             shuffle_patches=train,

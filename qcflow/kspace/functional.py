@@ -8,9 +8,9 @@ Conventions
 * **Spectrum layout.** torch's un-shifted layout: index ``i`` of an axis of length ``n`` holds the
   signed integer frequency ``f = i`` for ``i < ceil(n / 2)`` and ``f = i - n`` otherwise (as
   :func:`torch.fft.fftfreq` times ``n``). The centre of k-space is index 0; nothing here ever
-  calls ``fftshift`` (a full copy that doubles the cost of a round trip, PITFALLS.md) -- code
-  that needs "the centre" indexes it. The last axis (W) is stored as an ``rfft`` half spectrum
-  with ``W // 2 + 1`` entries (``f = 0 .. W // 2``).
+  calls ``fftshift`` (a full copy that doubles the cost of a round trip, docs/pitfalls.md)
+  -- code that needs "the centre" indexes it. The last axis (W) is stored as an ``rfft`` half
+  spectrum with ``W // 2 + 1`` entries (``f = 0 .. W // 2``).
 * **Normalisation.** torch's default ("backward"): the forward transform is unnormalised, the
   inverse divides by the number of voxels ``N``. Hence the DC coefficient equals the image sum,
   and complex white noise of per-component standard deviation ``s`` in k-space becomes complex

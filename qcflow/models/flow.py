@@ -7,7 +7,8 @@ unlabelled training volumes, with f(m) ~ N(0, I) and
 
 (the last term accounts for the standardisation, so densities are in m-space). A volume is
 flagged when its density is below the τ-percentile of the training volumes' densities.
-The flow is zuko's ``RealNVP`` (PITFALLS.md: it integrates to 1, nflows/normflows did not fit).
+The flow is zuko's ``RealNVP`` (it integrates to 1; nflows and normflows did not fit:
+docs/pitfalls.md).
 
 Extension (``mixture > 1``, off by default = the paper's single flow): K flows, each fitted
 from its own initialisation on its own random hold-out split, and the density is their equal

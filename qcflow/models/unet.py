@@ -25,7 +25,7 @@ is the largest depends only on the patch-level kind logits, so all artifact chan
 scale (per-kind heads learn scales that differ ~100x between kinds at CPU size, see
 experiments/shaw2021_uncertainty/README.md).
 
-Deep supervision (PITFALLS.md): with ``deep_supervision=True`` ``DynUNet`` returns a stacked
+Deep supervision (docs/pitfalls.md): with ``deep_supervision=True`` ``DynUNet`` returns a stacked
 ``(B, 1 + deep_supr_num, C, D, H, W)`` tensor in training mode and a single ``(B, C, D, H, W)``
 tensor in eval mode; :meth:`TwoHeadUNet.forward_all` always returns a list of outputs (full
 resolution first) and :meth:`TwoHeadUNet.forward` always the full-resolution one.
