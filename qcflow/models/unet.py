@@ -11,9 +11,9 @@ CNN on the input patch, pooled to one vector (mean and standard deviation of its
 one offset per *artifact* log-variance channel to the whole patch:
 ``s_i(x) = head_i(features(x)) + c_i(patch)``. The 1x1x1 heads see only the last decoder
 features at one voxel, which encode segmentation difficulty rather than which artifact is
-present (a linear probe on the trained CPU task network's features tells the six classes clean /
-spike / noise / blur / wrap / motion apart for 23 % of head voxels, chance 17 %); the context
-branch gives each artifact channel a patch-level view of the kind. Its output layer starts at
+present (a linear probe on a trained task network's features barely tells the kinds apart:
+README of experiments/shaw2021_uncertainty); the context branch gives each artifact channel a
+patch-level view of the kind. Its output layer starts at
 zero, so a fresh network equals the plain one; the task channel gets no offset.
 
 Optional attribution (``attribution=True``, needs ``context``; off by default, not in the
@@ -55,8 +55,7 @@ class PatchContext(nn.Module):
         max_offset: offsets are ``max_offset * tanh(raw / max_offset)``, i.e. a variance
             changes by at most a factor ``exp(max_offset)`` either way. Unbounded offsets let a
             channel sink to the log-variance floor, where the clamp stops its gradient for good
-            (measured: teachers trained with ``teacher_negatives`` ended at exactly 0 on every
-            image).
+            (the probes in the README of experiments/shaw2021_uncertainty).
 
     Shapes:
         ``x`` ``(B, in_channels, D, H, W)`` -> ``(B, num_outputs)``; zero for a fresh module.
