@@ -1,5 +1,8 @@
 """NIfTI reading with validation: every way a T1w file can be unusable gives a one-line reason.
 
+The checks themselves (header and voxels) live in :mod:`qcflow.data.nifti_checks`; this module
+reads files safely and applies them.
+
 :func:`load_nifti` is the only reader the rest of qcflow should use for input scans. Files come from
 other people, so reading is bounded: only regular files are opened (a FIFO, ``/dev/zero`` behind a
 symbolic link or a socket is refused, never waited on or read), compression is decided from the
@@ -26,7 +29,6 @@ import logging
 import math
 import os
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,21 @@ import nibabel as nib
 import numpy as np
 from nibabel.funcs import squeeze_image
 
+from qcflow.data.nifti_checks import (
+    DATA_CHECKS,
+    HEADER_CHECKS,
+    LABEL_DATA_CHECKS,
+    MAX_DIM,
+    MAX_FOV_MM,
+    MAX_VOXEL_MM,
+    MIN_DIM,
+    MIN_VOXEL_MM,
+    HeaderInfo,
+    fmt_shape,
+    fmt_zooms,
+    intensity_warning,
+    not_nifti_reason,
+)
 from qcflow.errors import ScanError
 from qcflow.utils.io import NotRegularFileError, open_regular
 
@@ -56,10 +73,6 @@ __all__ = [
     "check_readable",
 ]
 
-#: plausible spatial dimension range (voxels) of a structural brain scan
-MIN_DIM, MAX_DIM = 8, 2048
-#: largest plausible field of view (mm) along any axis: a whole head with neck is ~300 mm
-MAX_FOV_MM = 500.0
 #: default cap (MB) on the voxel data a header may claim; a 0.5 mm whole-head float64 scan is
 #: ~400 MB. ``data.max_scan_mb`` / ``QCFLOW_MAX_SCAN_MB`` change it
 DEFAULT_MAX_SCAN_MB = 512
@@ -68,8 +81,6 @@ GZIP_SLACK_BYTES = 1 << 20
 #: bytes read before anything else: a NIfTI-2 header (NIfTI-1: 348 + 4)
 _HEADER_BYTES = 540
 _LIMIT_HINT = "raise it with data.max_scan_mb=..."
-#: plausible voxel size range (mm)
-MIN_VOXEL_MM, MAX_VOXEL_MM = 0.1, 20.0
 
 #: receives nibabel's header repair notes (e.g. "pixdim[1,2,3] should be non-zero") unprinted
 _FIX_LOG = logging.getLogger(f"{__name__}.header_fixes")
@@ -80,38 +91,6 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _NIFTI1_MAGIC = b"n+1\x00"  # single-file NIfTI-1 (.nii)
 _NIFTI1_PAIR_MAGIC = b"ni1\x00"  # header of a .hdr/.img pair
 _NIFTI2_MAGIC = b"n+2\x00"
-_EXPECTED = "expected one 3-D T1w volume"
-#: signatures of files often renamed by mistake, to say what the file looks like instead
-_KNOWN_FORMATS: tuple[tuple[int, bytes, str], ...] = (
-    (0, b"\x89PNG", "a PNG image"),
-    (0, b"\xff\xd8\xff", "a JPEG image"),
-    (128, b"DICM", "a DICOM file; convert it with dcm2niix"),
-    (0, b"PK\x03\x04", "a zip archive"),
-    (0, b"%PDF", "a PDF document"),
-)
-
-
-@dataclass(frozen=True)
-class HeaderInfo:
-    """What the header checks look at, read before any voxel.
-
-    Args:
-        shape: data shape as stored, e.g. ``(X, Y, Z)`` or ``(X, Y, Z, T)``.
-        pixdim: voxel size in mm as written in the header (``pixdim[1:4]``), before
-            nibabel's silent fix-ups of zero or negative values.
-        affine: 4x4 voxel-to-world matrix nibabel chose (sform, else qform, else pixdim).
-        dtype: on-disk voxel type.
-    """
-
-    shape: tuple[int, ...]
-    pixdim: tuple[float, ...]
-    affine: np.ndarray
-    dtype: np.dtype
-
-    @property
-    def voxel_size(self) -> tuple[float, float, float]:
-        """Voxel size (mm) along each axis of the affine: the geometry used downstream."""
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,16 +215,6 @@ def check_readable(path: str | Path) -> None:
     _open_scan(Path(path)).close()
 
 
-def _not_nifti_reason(raw: bytes) -> str:
-    for offset, magic, what in _KNOWN_FORMATS:
-        if raw[offset : offset + len(magic)] == magic:
-            return f"not a NIfTI file (looks like {what})"
-    head = raw[:512]
-    if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
-        return "not a NIfTI file (looks like a text file)"
-    return "not a NIfTI file (no NIfTI-1/NIfTI-2 header)"
-
-
 @dataclass
 class _Header:
     klass: type[nib.Nifti1Image]
@@ -264,7 +233,7 @@ def _parse_header(path: Path, head: bytes) -> _Header:
     elif head[344:348] == _NIFTI1_PAIR_MAGIC:
         raise ScanError(path, "header of a .hdr/.img pair; convert it to a single .nii.gz file")
     else:
-        raise ScanError(path, _not_nifti_reason(head))
+        raise ScanError(path, not_nifti_reason(head))
     try:
         header = klass.header_class.from_fileobj(io.BytesIO(head), check=False)
         shape = tuple(int(n) for n in header.get_data_shape())
@@ -304,148 +273,6 @@ def _one_line(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Checks: each returns None when fine, else a short lower-case reason
-# --------------------------------------------------------------------------------------------
-
-
-def _effective_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """``shape`` without trailing singleton axes beyond the third: (x, y, z, 1) -> (x, y, z)."""
-    shape = tuple(shape)
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    return shape
-
-
-def _fmt_shape(shape: tuple[int, ...]) -> str:
-    return "x".join(str(int(s)) for s in shape)
-
-
-def _fmt_zooms(zooms: tuple[float, ...]) -> str:
-    return "x".join(f"{float(z):.2f}" for z in zooms)
-
-
-def _check_size(h: HeaderInfo) -> str | None:
-    if 0 in h.shape:
-        return f"empty image (shape {_fmt_shape(h.shape)})"
-    return None
-
-
-def _check_ndim(h: HeaderInfo) -> str | None:
-    shape = _effective_shape(h.shape)
-    if len(shape) < 3:
-        return f"{len(shape)}-D image; {_EXPECTED}"
-    if len(shape) == 4:
-        return f"4-D image with {shape[3]} volumes; {_EXPECTED}"
-    if len(shape) > 4:
-        return f"{len(shape)}-D image (shape {_fmt_shape(shape)}); {_EXPECTED}"
-    return None
-
-
-def _check_shape(h: HeaderInfo) -> str | None:
-    if any(not MIN_DIM <= s <= MAX_DIM for s in h.shape[:3]):
-        return (
-            f"implausible shape {_fmt_shape(h.shape[:3])} "
-            f"(each spatial dimension must be {MIN_DIM}-{MAX_DIM} voxels)"
-        )
-    return None
-
-
-def _check_pixdim(h: HeaderInfo) -> str | None:
-    if any(not math.isfinite(z) or z <= 0 for z in h.pixdim):
-        return f"invalid voxel size {_fmt_zooms(h.pixdim)} mm in header (must be positive)"
-    return None
-
-
-def _check_affine(h: HeaderInfo) -> str | None:
-    affine = np.asarray(h.affine, dtype=np.float64)
-    if not np.all(np.isfinite(affine)):
-        return "affine (voxel-to-world matrix) has non-finite values"
-    # relative to the voxel scale, so 0.1 mm and 20 mm voxels are judged alike
-    scale = float(np.prod(np.linalg.norm(affine[:3, :3], axis=0)))
-    det = abs(float(np.linalg.det(affine[:3, :3])))
-    if scale == 0 or det < 1e-6 * scale:
-        return "non-invertible affine (singular voxel-to-world matrix)"
-    return None
-
-
-def _check_voxel_size(h: HeaderInfo) -> str | None:
-    sizes = (*h.pixdim, *h.voxel_size)
-    if any(not MIN_VOXEL_MM <= z <= MAX_VOXEL_MM for z in sizes):
-        return (
-            f"implausible voxel size {_fmt_zooms(h.voxel_size)} mm "
-            f"(expected {MIN_VOXEL_MM:g}-{MAX_VOXEL_MM:g} mm)"
-        )
-    return None
-
-
-def _check_fov(h: HeaderInfo) -> str | None:
-    fov = [n * z for n, z in zip(h.shape[:3], h.voxel_size, strict=False)]
-    if any(f > MAX_FOV_MM for f in fov):
-        return (
-            f"implausible field of view {'x'.join(f'{f:.0f}' for f in fov)} mm "
-            f"(shape {_fmt_shape(h.shape[:3])} at {_fmt_zooms(h.voxel_size)} mm; a head is "
-            f"at most {MAX_FOV_MM:.0f} mm)"
-        )
-    return None
-
-
-def _check_dtype(h: HeaderInfo) -> str | None:
-    dtype = h.dtype
-    if dtype.fields is not None or not (
-        np.issubdtype(dtype, np.integer)
-        or np.issubdtype(dtype, np.floating)
-        or np.issubdtype(dtype, np.bool_)
-    ):
-        return f"unsupported voxel type {dtype} (expected real-valued intensities)"
-    return None
-
-
-def _check_finite(data: np.ndarray) -> str | None:
-    if not np.issubdtype(data.dtype, np.floating):
-        return None
-    n_nan = int(np.count_nonzero(np.isnan(data)))
-    n_inf = int(np.count_nonzero(np.isinf(data)))
-    if n_nan and n_inf:
-        return f"contains {n_nan} NaN and {n_inf} infinite voxels"
-    if n_nan:
-        return f"contains {n_nan} NaN voxels"
-    if n_inf:
-        return f"contains {n_inf} infinite voxels"
-    return None
-
-
-def _check_constant(data: np.ndarray) -> str | None:
-    lo, hi = data.min(), data.max()
-    if lo != hi:
-        return None
-    if lo == 0:
-        return "all-zero image (no signal)"
-    return f"constant image (every voxel is {float(lo):g})"
-
-
-def _intensity_warning(data: np.ndarray) -> str | None:
-    """A usable but suspicious scan: every voxel <= 0 (an inverted or sign-flipped image)."""
-    if float(data.max()) <= 0:
-        return "every intensity is <= 0 (inverted or sign-flipped image?)"
-    return None
-
-
-#: checks on the header, in order, before any voxel is read
-HEADER_CHECKS: tuple[Callable[[HeaderInfo], str | None], ...] = (
-    _check_size,
-    _check_ndim,
-    _check_shape,
-    _check_pixdim,
-    _check_affine,
-    _check_voxel_size,
-    _check_fov,
-    _check_dtype,
-)
-#: checks on the (scaled) voxel array, in order
-DATA_CHECKS: tuple[Callable[[np.ndarray], str | None], ...] = (_check_finite, _check_constant)
-
-
-# --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
 
@@ -480,8 +307,8 @@ def _load_checked(
         try:
             head = stream.read(_HEADER_BYTES)
             h = _parse_header(path, head)
-            info["shape"] = _fmt_shape(h.info.shape)
-            info["voxel_size"] = _fmt_zooms(h.info.voxel_size)
+            info["shape"] = fmt_shape(h.info.shape)
+            info["voxel_size"] = fmt_zooms(h.info.voxel_size)
             for check in HEADER_CHECKS:
                 reason = check(h.info)
                 if reason:
@@ -490,7 +317,7 @@ def _load_checked(
             if need > cap:
                 raise ScanError(
                     path,
-                    f"header claims {_mb(need)} of data ({_fmt_shape(h.info.shape)} "
+                    f"header claims {_mb(need)} of data ({fmt_shape(h.info.shape)} "
                     f"{h.info.dtype}), over the scan size limit of {_mb(cap)} ({_LIMIT_HINT})",
                 )
             raw = head + stream.read(need - len(head)) if need > len(head) else head
@@ -511,19 +338,17 @@ def _load_checked(
     img = _image(path, h, raw)
     if img.ndim > 3:
         img = squeeze_image(img)  # (x, y, z, 1) -> (x, y, z); affine and header kept
-        info["shape"] = _fmt_shape(img.shape)
+        info["shape"] = fmt_shape(img.shape)
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:
         raise ScanError(path, f"cannot read voxel data ({_one_line(exc)})") from None
-    for check in DATA_CHECKS:
-        if label and check is _check_constant:  # an empty label/mask is legitimate
-            continue
+    for check in LABEL_DATA_CHECKS if label else DATA_CHECKS:  # an empty mask is legitimate
         reason = check(data)
         if reason:
             raise ScanError(path, reason)
     if not label:
-        info["warning"] = _intensity_warning(data) or ""
+        info["warning"] = intensity_warning(data) or ""
     return img
 
 
