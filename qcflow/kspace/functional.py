@@ -31,6 +31,9 @@ Conventions
 * **Smooth sizes.** FFT cost per voxel roughly doubles for axes with large prime factors (197 and
   233 in the 1 mm MNI template). :func:`smooth_size` gives the next 2/3/5-smooth length; zero
   padding to it is a slightly larger field of view (background only).
+
+Length: the FFT primitives the pipeline fuses, kept together so their support conventions (pruned,
+halved, folded axes) are defined once (~530 lines).
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ motion    displacement (mm) of a point 80 mm from the centre, averaged over the 
 bias      std of ``log b`` over the ball inscribed in the volume / 0.4, clipped (0.4 is the
           95th percentile for TorchIO's default coefficients in [-0.5, 0.5], median 0.28)
 ========  ================================================================================
+
+Length: one concept, the frozen parameter records and their JSON form, one per kind (~420 lines).
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ Two execution strategies compute the same result (tests check they agree):
 Random draws that the result depends on (the noise realisation, the random line mask) come
 from the parameters' own seeds, so a record replays bit-for-bit on the same device; the noise
 is drawn with a generator on the data's device (CPU and CUDA streams differ, statistics agree).
+
+Length: one concept, the fused pipeline -- every kind's k-space edit between one forward and one
+inverse FFT -- so it stays one module (~600 lines) rather than being split across kinds.
 """
 
 from __future__ import annotations
