@@ -159,12 +159,12 @@ def test_fit_with_curriculum_moves_the_level(
 ) -> None:
     """A real (tiny) fit: the levels change at the scheduled epochs, every 3-D negative drawn
     in an epoch comes from that epoch's ranges (the bank is redrawn), and the level is logged."""
-    import qcflow.data.contrastive as contrastive
+    import qcflow.data.negatives as negatives
     from qcflow.tasks import encoder_contrastive
     from tests.test_iqc_pipeline import TINY, TINY_ENCODER
 
     events: list[object] = []  # ("epoch", e) markers and the noise range of every 3-D draw
-    draw, start = contrastive.corrupt_volume, SeverityCurriculum.on_train_epoch_start
+    draw, start = negatives.corrupt_volume, SeverityCurriculum.on_train_epoch_start
 
     def recording_draw(sampler, *args, **kwargs):
         events.append(sampler.ranges["noise"].snr_db)
@@ -174,7 +174,7 @@ def test_fit_with_curriculum_moves_the_level(
         events.append(("epoch", trainer.current_epoch))
         start(self, trainer, pl_module)
 
-    monkeypatch.setattr(contrastive, "corrupt_volume", recording_draw)
+    monkeypatch.setattr(negatives, "corrupt_volume", recording_draw)  # the bank's draws
     monkeypatch.setattr(SeverityCurriculum, "on_train_epoch_start", marking_start)
 
     base = ["experiment=encoder_contrastive", *TINY, *TINY_ENCODER,
