@@ -56,3 +56,27 @@ def test_detection_rates_per_group() -> None:
         "bias": {"rate": 1.0, "n": 1},
         "noise": {"rate": 0.5, "n": 2},
     }
+
+
+def test_tau_thresholds_are_the_one_definition_of_a_threshold() -> None:
+    """numpy's linear quantile; the flow's stored thresholds and the IQM baselines use it."""
+    import torch
+
+    from qcflow.models.flow import DensityFlow
+
+    rng = np.random.default_rng(0)
+    for n in (2, 7, 60, 151):
+        v = rng.normal(size=n)
+        got = det.tau_thresholds(v, [0.05, 0.03, 0.5])
+        assert got.dtype == np.float64
+        assert got.tolist() == [np.quantile(v, t) for t in (0.05, 0.03, 0.5)]  # bit for bit
+        assert det.percentile_thresholds(v, 0.05, "low")[0] == got[0]
+    assert det.tau_thresholds(np.arange(101.0), [0.05]).tolist() == [5.0]
+    torch.manual_seed(0)
+    density = DensityFlow(features=2, transforms=1, hidden_features=(4,), taus=(0.05, 0.03))
+    m = torch.randn(40, 2)
+    stored = density.set_thresholds(m)
+    with torch.no_grad():
+        logp = density.log_prob(m).double()
+    assert stored.dtype == torch.float64
+    assert stored.tolist() == det.tau_thresholds(logp, [0.05, 0.03]).tolist()

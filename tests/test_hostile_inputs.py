@@ -95,7 +95,7 @@ def test_crafted_flow_bundle_is_refused_by_score_cli(tmp_path: Path) -> None:
 def test_every_loader_refuses_payloads(tmp_path: Path) -> None:
     """flow.pt, a cache entry, the evaluation cache, encoder and uncertainty checkpoints."""
     from qcflow.lit.uncertainty import UncertaintySeg
-    from qcflow.tasks.flow_density import load_encoder, load_flow
+    from qcflow.runs.flow import load_encoder, load_flow
     from qcflow.tasks.iqc_evaluate import _VolumeCache
     from qcflow.utils.bundles import load_checkpoint
 
@@ -180,7 +180,7 @@ def test_checked_store_survives_reload(tmp_path: Path) -> None:
     ],
 )  # fmt: skip
 def test_malformed_flow_bundle_is_one_line(tmp_path: Path, content: object, reason: str) -> None:
-    from qcflow.tasks.flow_density import load_flow
+    from qcflow.runs.flow import load_flow
 
     run = tmp_path / "run"
     run.mkdir()
@@ -195,7 +195,7 @@ def test_malformed_flow_bundle_is_one_line(tmp_path: Path, content: object, reas
 
 
 def test_bad_encoder_checkpoint_is_one_line(tmp_path: Path) -> None:
-    from qcflow.tasks.flow_density import load_encoder
+    from qcflow.runs.flow import load_encoder
 
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(os.urandom(2048))

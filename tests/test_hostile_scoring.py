@@ -24,8 +24,9 @@ import qcflow.tasks.score as score_task
 from qcflow.data.discovery import discover_scans
 from qcflow.data.preprocess import PreprocessConfig
 from qcflow.errors import QCFlowError
+from qcflow.lit.scoring import score_scans
 from qcflow.qc.derivatives import DERIVATIVES, write_maps
-from qcflow.qc.scoring import ScoreTable, TableWriteError, score_scans
+from qcflow.qc.scoring import Scorer, ScoreTable, TableWriteError
 from qcflow.testing import write_good_scan
 from tests.helpers import compose_cfg
 
@@ -34,7 +35,7 @@ SMALL = ["data.shape=[32,36,32]", "data.cache=false", "score.progress=false"]
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-class Identity:
+class Identity(Scorer):
     """Flags every scan (so each gets a thumbnail) and writes maps holding the scan's own mean
     intensity: a copied output that belongs to another scan shows up as a different value."""
 
@@ -169,7 +170,7 @@ def test_api_file_list_ids_are_stable_and_unique(tmp_path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class HostileFloats:
+class HostileFloats(Scorer):
     """Floats that a default-precision TSV reader does not read back exactly."""
 
     columns = tuple(f"f{i}" for i in range(10))
@@ -315,12 +316,12 @@ def test_report_links_survive_hostile_scan_names(monkeypatch, tmp_path) -> None:
 def test_failed_thumbnail_and_map_writes_warn_and_scoring_goes_on(monkeypatch, tmp_path, caplog):
     import matplotlib.figure
 
-    import qcflow.qc.segmentation as segmentation
+    import qcflow.qc.derivatives as derivatives
 
     root = tmp_path / "in"
     for i in range(4):
         write_good_scan(root / f"s{i}.nii.gz", seed=i)
-    savefig, save_nifti = matplotlib.figure.Figure.savefig, segmentation.save_nifti
+    savefig, save_nifti = matplotlib.figure.Figure.savefig, derivatives.save_nifti
 
     def full_savefig(self, fname, *args, **kwargs):
         if ".s1.png." in str(fname):  # atomic_path's temporary file for thumbs/s1.png
@@ -334,7 +335,7 @@ def test_failed_thumbnail_and_map_writes_warn_and_scoring_goes_on(monkeypatch, t
         return save_nifti(path, tensor, affine)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_savefig)
-    monkeypatch.setattr(segmentation, "save_nifti", full_save_nifti)
+    monkeypatch.setattr(derivatives, "save_nifti", full_save_nifti)
     run = tmp_path / "run"
     with caplog.at_level(logging.WARNING):
         scorer, table = score_folder(monkeypatch, root, run)

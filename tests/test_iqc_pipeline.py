@@ -102,6 +102,7 @@ def test_flow_mixture_is_saved_evaluated_and_scored(encoder_run: Path, tmp_path:
     import torch
 
     from qcflow.qc.scorers import DensityScorer
+    from qcflow.runs.flow import load_density_model, load_flow, read_codes
     from qcflow.tasks import flow_density, iqc_evaluate
 
     flow_dir = tmp_path / "flow"
@@ -109,9 +110,9 @@ def test_flow_mixture_is_saved_evaluated_and_scored(encoder_run: Path, tmp_path:
                        f"flow.encoder_ckpt={encoder_run}"], flow_dir)  # fmt: skip
     res = flow_density.run(cfg)
     assert res["flow_mixture"] == 3
-    density, bundle = flow_density.load_flow(flow_dir)
+    density, bundle = load_flow(flow_dir)
     assert bundle["flow_config"]["mixture"] == 3 and len(density.flows) == 3
-    _, codes, logp = flow_density.read_codes(flow_dir / "codes_train.tsv")
+    _, codes, logp = read_codes(flow_dir / "codes_train.tsv")
     with torch.no_grad():
         mixed = density.log_prob(torch.as_tensor(codes, dtype=torch.float32)).double().numpy()
         first = (
@@ -124,7 +125,7 @@ def test_flow_mixture_is_saved_evaluated_and_scored(encoder_run: Path, tmp_path:
     np.testing.assert_allclose(mixed, logp, rtol=1e-4, atol=1e-4)  # the table is the mixture's
     assert not np.allclose(mixed, first, atol=1e-3)  # ... not its first flow's
     assert float((logp < res["threshold_tau05"]).mean()) == res["train_flagged_tau05"]
-    scorer = DensityScorer(flow_dir)
+    scorer = DensityScorer(load_density_model(flow_dir))
     assert len(scorer.density.flows) == 3
 
     cfg = compose_cfg(
@@ -147,6 +148,7 @@ def test_flow_evaluate_and_score_with_an_encoder_ensemble(
     """flow.encoder_ckpt as a list: concatenated codes, a 2d-dimensional flow, all members kept."""
 
     from qcflow.qc.scorers import DensityScorer
+    from qcflow.runs.flow import load_density_model, load_flow
     from qcflow.tasks import flow_density, iqc_evaluate
 
     flow_dir = tmp_path / "flow"
@@ -160,7 +162,7 @@ def test_flow_evaluate_and_score_with_an_encoder_ensemble(
     assert [c for c in codes.columns if c.startswith("m")] == ["m1", "m2", "m3", "m4"]
     # the same encoder twice: each member's code is the single encoder's code
     assert (codes[["m1", "m2"]].to_numpy() == codes[["m3", "m4"]].to_numpy()).all()
-    _, bundle = flow_density.load_flow(flow_dir)
+    _, bundle = load_flow(flow_dir)
     assert bundle["flow_config"]["features"] == 4 and len(bundle["encoder_checkpoints"]) == 2
 
     cfg = compose_cfg(
@@ -172,12 +174,43 @@ def test_flow_evaluate_and_score_with_an_encoder_ensemble(
     assert 0.0 <= ev["auroc"] <= 1.0
     assert set(ev["simulated_kinds"]) == {"noise", "motion"}  # read from the members' runs
     assert (tmp_path / "eval" / "figures" / "roc.png").stat().st_size > 0  # no 2-D maps at d=4
-    scorer = DensityScorer(flow_dir)
+    scorer = DensityScorer(load_density_model(flow_dir))
     assert scorer.columns[:4] == ("m_1", "m_2", "m_3", "m_4")
 
     cfg = compose_cfg(["experiment=flow_density", *TINY, "flow.encoder_ckpt=[]"], tmp_path / "x")
     with pytest.raises(ValueError, match="empty list"):
         flow_density.run(cfg)
+
+
+def test_a_previous_layout_flow_bundle_still_loads_and_scores(
+    encoder_run: Path, tmp_path: Path
+) -> None:
+    """flow.pt written before Dec 2026 (configs as dicts, one encoder_checkpoint) loads through
+    qcflow.runs and gives the same scorer as the bundle of today."""
+    import json
+
+    import torch
+
+    from qcflow.qc.scorers import DensityScorer
+    from qcflow.runs.flow import FLOW_FILE, load_density_model
+    from qcflow.tasks import flow_density
+
+    new = tmp_path / "new"
+    cfg = compose_cfg(["experiment=flow_density", *TINY, *TINY_FLOW, "debug=fast",
+                       f"flow.encoder_ckpt={encoder_run}"], new)  # fmt: skip
+    flow_density.run(cfg)
+    old = tmp_path / "old"
+    old.mkdir()
+    bundle = torch.load(new / FLOW_FILE, weights_only=True)
+    bundle["flow_config"] = json.loads(bundle["flow_config"])
+    bundle["data"] = json.loads(bundle["data"])
+    del bundle["encoder_checkpoints"]
+    torch.save(bundle, old / FLOW_FILE)
+    (old / "codes_train.tsv").write_bytes((new / "codes_train.tsv").read_bytes())
+    scorers = [DensityScorer(load_density_model(run)) for run in (new, old)]
+    assert scorers[0].thresholds == scorers[1].thresholds
+    item = {"image": torch.rand(1, 16, 20, 16), "scan": None}
+    assert scorers[0](item) == scorers[1](item)
 
 
 def test_train_flow_evaluate_cli(small_embedded: Path, tmp_path: Path) -> None:

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
+from qcflow.runs.folders import find_latest_run
 from qcflow.tasks.common import build_loggers
 from qcflow.testing import write_good_scan
 from qcflow.utils import wandb as qc_wandb
-from qcflow.utils.runs import find_latest_run
 from tests.helpers import compose_cfg, run_cli
 
 

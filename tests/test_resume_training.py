@@ -126,16 +126,16 @@ def test_killed_encoder_run_resumes_to_the_same_weights(
     # (b) the killed run is newer than the finished one: the latest-run lookup refuses it,
     # in one line naming the run and the command that resumes it; an explicit path is accepted
     os.utime(full / "metrics.json", (time.time() - 60,) * 2)
-    from qcflow.tasks.common import resolve_checkpoint
+    from qcflow.runs.folders import resolve_checkpoint
 
     cfg = compose_cfg([*common], tmp_path / "lookup")
     with pytest.raises(ConfigError) as err:
-        resolve_checkpoint(cfg, None, "encoder_contrastive")
+        resolve_checkpoint(cfg.paths.runs_dir, None, "encoder_contrastive")
     msg = str(err.value)
     assert "\n" not in msg and f"run {killed} did not finish" in msg
     assert f"resume={killed}" in msg and "experiment=encoder_contrastive" in msg
     explicit = killed / "checkpoints" / "last.ckpt"
-    assert resolve_checkpoint(cfg, str(explicit), "encoder_contrastive") == explicit
+    assert resolve_checkpoint(cfg.paths.runs_dir, str(explicit), "encoder_contrastive") == explicit
     res = run_cli(
         "experiment=flow_density", *DATA, f"paths.runs_dir={runs}",
         f"hydra.run.dir={runs / 'flow_density' / 'refused'}", cwd=tmp_path,
@@ -179,7 +179,7 @@ def test_killed_encoder_run_resumes_to_the_same_weights(
         assert isinstance(state["rng"]["torch"], torch.Tensor)
 
     # now finished: the lookup finds the resumed run, no "did not finish"
-    assert resolve_checkpoint(cfg, None, "encoder_contrastive") == explicit
+    assert resolve_checkpoint(cfg.paths.runs_dir, None, "encoder_contrastive") == explicit
 
 
 def _run(folder: Path, *, metrics: bool, ckpt: bool, age: float, artifact: str | None = None,
@@ -206,9 +206,9 @@ def _run(folder: Path, *, metrics: bool, ckpt: bool, age: float, artifact: str |
 
 def test_latest_run_lookups_refuse_a_newer_unfinished_run(tmp_path: Path) -> None:
     """(b) find_latest_run / latest_teacher_run / kind classifier lookup, with fake runs."""
+    from qcflow.runs.folders import find_latest_run, resume_command
+    from qcflow.runs.stages import latest_teacher_run
     from qcflow.tasks.kind_classifier import CLASSIFIER_FILE, classifier_path
-    from qcflow.utils.runs import find_latest_run, resume_command
-    from qcflow.utils.stages import latest_teacher_run
 
     runs = tmp_path / "runs"
     done = _run(runs / "enc" / "a_done", metrics=True, ckpt=True, age=100)
@@ -251,7 +251,7 @@ def test_latest_run_lookups_refuse_a_newer_unfinished_run(tmp_path: Path) -> Non
 
 def test_resume_values_and_their_one_line_errors(tmp_path: Path) -> None:
     """(c) resume_plan: every value, and each bad one as a ConfigError of one line."""
-    from qcflow.tasks.common import resume_plan
+    from qcflow.runs.resume import resume_plan
 
     runs = tmp_path / "runs"
     base = ["experiment=encoder_contrastive", f"paths.runs_dir={runs}"]

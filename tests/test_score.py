@@ -10,7 +10,8 @@ import pytest
 
 from qcflow.data.discovery import discover_scans
 from qcflow.data.preprocess import PreprocessConfig
-from qcflow.qc.scoring import IQMScorer, ScoreTable, score_scans
+from qcflow.lit.scoring import score_scans
+from qcflow.qc.scoring import IQMScorer, Scorer, ScoreTable
 from qcflow.testing import BAD_SCAN_KINDS, write_bad_scans, write_good_scan
 from tests.helpers import check_report, compose_cfg, run_cli
 
@@ -26,7 +27,7 @@ def mixed(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return folder, expected
 
 
-class Counting:
+class Counting(Scorer):
     """A scorer that counts calls and can fail or interrupt on a given call."""
 
     columns = ("mean_intensity",)
@@ -80,6 +81,62 @@ def test_resume_skips_unchanged_scans(mixed, tmp_path: Path) -> None:
     third.identity = "counting-v2"
     score_scans(scans, [third], tmp_path / "c.tsv", PCFG, previous=previous)
     assert third.calls == 3
+
+
+def test_one_scorer_protocol_decides_views_and_outputs(mixed, tmp_path: Path) -> None:
+    """Preprocessing is decided once from the protocol: a ``reference_view`` scorer's own
+    preprocessing becomes the table's (the IQMs read it), another scorer's own view stays its
+    own; the score task reads thresholds and figures from the protocol, not the type."""
+    from qcflow.qc.scoring import prepare_scoring, reference_preprocessing
+
+    folder, _ = mixed
+    scans = [s for s in discover_scans(folder) if "good" in s.scan_id]
+    coarse = PreprocessConfig(spacing=4.0, shape=(16, 18, 16))
+    finer = PreprocessConfig(spacing=3.0, shape=(20, 24, 20))
+
+    class Shape(Counting):
+        def __init__(self, name: str, pcfg=None, reference=False) -> None:
+            super().__init__()
+            self.columns, self.identity = (f"{name}_shape",), name
+            self.preprocess, self.reference_view = pcfg, reference
+
+        def __call__(self, item):
+            return {self.columns[0]: "x".join(map(str, item["image"].shape[1:]))}
+
+    own, ref = Shape("own", finer), Shape("ref", coarse, reference=True)
+    assert reference_preprocessing([own, IQMScorer()], PCFG) is PCFG  # not a reference view
+    assert reference_preprocessing([own, ref], PCFG) is coarse
+    plan = prepare_scoring(scans, [own, ref, Shape("plain")], tmp_path / "x.tsv", PCFG)
+    assert plan.views == [finer.key(), coarse.key(), coarse.key()]
+    table = score_scans(scans, [own, ref, Shape("plain")], tmp_path / "s.tsv", PCFG)
+    assert set(table.own_shape) == {"20x24x20"} and set(table.plain_shape) == {"16x18x16"}
+
+
+def test_score_task_takes_thresholds_and_figures_from_the_protocol(
+    mixed, tmp_path: Path, monkeypatch
+) -> None:
+    import qcflow.tasks.score as score_task
+
+    folder, _ = mixed
+
+    class Flagging(Counting):
+        columns, identity, thresholds = ("qc_decision",), "flagging-v1", {"cut": 0.5}
+
+        def __call__(self, item):
+            return {"qc_decision": "review"}
+
+        def finish(self, table, out_dir):
+            path = out_dir / "figs" / "mine.png"
+            path.parent.mkdir()
+            path.write_bytes(b"png")
+            return {"mine": path}
+
+    monkeypatch.setattr(score_task, "build_scorers", lambda cfg, maps_dir=None: [Flagging()])
+    over = ["experiment=score", f"data.root={folder / 'good0.nii.gz'}", "logger=none"]
+    result = score_task.run(compose_cfg([*over, "score.progress=false"], tmp_path / "run"))
+    assert result["thresholds"] == {"cut": 0.5} and result["decisions"]["review"] == 1
+    refs = check_report(Path(result["report_html"]), ["good0"])
+    assert "figs/mine.png" in refs and "thumbs/good0.png" in refs
 
 
 def test_interrupt_leaves_valid_partial_table(mixed, tmp_path: Path) -> None:

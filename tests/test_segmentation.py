@@ -1,4 +1,4 @@
-"""Dice, Spearman, full-volume heteroscedastic inference and its writer."""
+"""Dice, Spearman, full-volume heteroscedastic inference and the maps it writes."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
+from qcflow.data.discovery import Scan
 from qcflow.models.unet import TwoHeadUNet
+from qcflow.qc.derivatives import write_maps
 from qcflow.qc.segmentation import (
     dice,
     entropy_map,
     predict_volume,
     spearman,
     summarize_prediction,
-    write_prediction,
 )
 
 
@@ -69,8 +70,10 @@ def test_predict_volume_and_writer(tmp_path: Path) -> None:
     )
     assert summ["gm_volume_std_ml"] == pytest.approx(expected_std)
     assert 0 <= summ["dice"] <= 1
-    files = write_prediction(tmp_path, "sub-01", pred, sources, np.diag([2.0, 2, 2, 1]), summ)
+    scan = Scan(scan_id="sub-01", path=tmp_path / "sub-01_T1w.nii.gz", subject="01")
+    files = write_maps(tmp_path, scan, pred, sources, np.diag([2.0, 2, 2, 1]), summ)
     assert set(files) == {"seg", "entropy", "var-task", "var-noise", "var-blur", "var-artifact"}
-    assert nib.load(files["var-noise"]).shape == (12, 14, 10)
-    record = json.loads((tmp_path / "sub-01.json").read_text())
-    assert record["dice"] == pytest.approx(summ["dice"])
+    assert files["var-noise"] == "sub-01/anat/sub-01_desc-noise_uncertainty.nii.gz"
+    assert nib.load(tmp_path / files["var-noise"]).shape == (12, 14, 10)
+    record = json.loads((tmp_path / "sub-01" / "anat" / "sub-01_qc.json").read_text())
+    assert record["dice"] == pytest.approx(summ["dice"]) and record["files"] == files

@@ -13,7 +13,7 @@ import torch
 
 from qcflow.lit.uncertainty import UncertaintySeg
 from qcflow.models.unet import PatchContext
-from qcflow.utils.stages import latest_teacher_run
+from qcflow.runs.stages import latest_teacher_run
 from tests.conftest import SMALL_EMBEDDED
 from tests.helpers import compose_cfg, run_cli
 
@@ -93,7 +93,7 @@ def test_fast_dev_run(
         assert results["n_images"] == 2  # one clean scan + its noise copy
         assert set(results["decoupling"]["columns"]) == {"task", "noise", "blur"}
         assert (tmp_path / "scans.tsv").is_file()
-        assert list((tmp_path / "maps").glob("*_var-noise.nii.gz"))
+        assert list((tmp_path / "maps").rglob("*_desc-noise_uncertainty.nii.gz"))
     else:
         role = experiment.removeprefix("uncertainty_")
         assert results["role"] == role and results["global_step"] == 1

@@ -126,7 +126,7 @@ def embedded_root(spacing: float, n_subjects: int | None) -> Path:
 
 def latest(runs: Path, experiment: str, require: str) -> Path | None:
     from qcflow.errors import ConfigError
-    from qcflow.utils.runs import find_latest_run
+    from qcflow.runs.folders import find_latest_run
 
     try:
         return find_latest_run(runs, experiment, require=require)

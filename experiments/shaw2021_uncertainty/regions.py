@@ -26,9 +26,9 @@ def main() -> None:
     from qcflow.errors import ConfigError
     from qcflow.qc.iqm import head_mask
     from qcflow.qc.segmentation import predict_volume
-    from qcflow.tasks.common import resolve_checkpoint
+    from qcflow.runs.folders import resolve_checkpoint
+    from qcflow.runs.stages import load_stage
     from qcflow.tasks.uncertainty_evaluate import evaluation_volumes, kind_samplers
-    from qcflow.utils.stages import load_stage
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = compose_config(["experiment=uncertainty_evaluate"])
     try:
-        ckpt = resolve_checkpoint(cfg, args.checkpoint, "uncertainty_student")
+        ckpt = resolve_checkpoint(cfg.paths.runs_dir, args.checkpoint, "uncertainty_student")
     except ConfigError as err:
         raise SystemExit(str(err)) from None
     torch.set_num_threads(1)

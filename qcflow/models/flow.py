@@ -126,7 +126,8 @@ class DensityFlow(nn.Module):
     # ------------------------------------------------------------------ thresholds
     @torch.no_grad()
     def set_thresholds(self, m: Tensor, taus: Sequence[float] | None = None) -> Tensor:
-        """Thresholds = the τ-percentiles of log p_M over the training codes ``m``.
+        """Thresholds = the τ-percentiles of log p_M over the training codes ``m``
+        (:func:`qcflow.qc.detection.tau_thresholds`).
 
         Args:
             m: ``(N, d)`` codes of the unlabelled training volumes.
@@ -135,10 +136,13 @@ class DensityFlow(nn.Module):
         Returns:
             ``(len(taus),)`` log-density thresholds (float64), also stored.
         """
+        from qcflow.qc.detection import tau_thresholds  # the one definition of a τ threshold
+
         if taus is not None:
             self.taus = torch.tensor([float(t) for t in taus], dtype=torch.float64)
-        logp = self.log_prob(m).double()
-        self.thresholds = torch.quantile(logp, self.taus.to(logp))
+        logp = self.log_prob(m).double().cpu()
+        thresholds = tau_thresholds(logp, self.taus.tolist())
+        self.thresholds = torch.as_tensor(thresholds, dtype=torch.float64, device=self.taus.device)
         return self.thresholds
 
     def threshold(self, tau: float) -> float:

@@ -1,4 +1,5 @@
-"""Per-scan NIfTI maps in a BIDS-derivatives-style layout (``<out>/derivatives/qcflow``).
+"""Per-scan NIfTI maps in a BIDS-derivatives-style layout (``<out>/derivatives/qcflow``): the
+one writer of method B's maps (scoring and ``uncertainty_evaluate`` alike).
 
 Layout (``<d>`` = ``derivatives/qcflow/sub-001/[ses-01/]anat/<scan_id>``)::
 
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from qcflow.data.discovery import Scan
@@ -39,6 +41,8 @@ __all__ = [
     "scan_folder",
     "scan_files",
     "copy_maps",
+    "prediction_maps",
+    "save_nifti",
     "write_maps",
     "write_description",
 ]
@@ -132,6 +136,29 @@ def write_description(root: str | Path) -> Path:
     return path
 
 
+def prediction_maps(pred: Mapping[str, Tensor], sources: Sequence[str]) -> dict[str, Tensor]:
+    """The per-scan maps that are written: ``seg`` (uint8), ``var-<source>`` for every source,
+    ``var-artifact`` and ``entropy`` (float32), on the CPU."""
+    maps = {"seg": pred["segmentation"].to("cpu", torch.uint8)}
+    maps.update({f"var-{s}": pred[f"var_{s}"] for s in sources})
+    maps["var-artifact"] = pred["var_artifact"]
+    maps["entropy"] = pred["entropy"]
+    return {k: v if k == "seg" else v.detach().to("cpu", torch.float32) for k, v in maps.items()}
+
+
+def save_nifti(path: str | Path, tensor: Tensor, affine: np.ndarray) -> Path:
+    """Write ``tensor`` as a gzipped NIfTI (millimetre units), atomically."""
+    import gzip
+
+    import nibabel as nib
+
+    img = nib.Nifti1Image(tensor.numpy(), np.asarray(affine, dtype=np.float64))
+    img.header.set_xyzt_units("mm")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(gzip.compress(img.to_bytes(), compresslevel=1))
+    return Path(path)
+
+
 def write_maps(
     root: str | Path,
     scan: Scan,
@@ -147,8 +174,6 @@ def write_maps(
     not its scores: the files written so far are removed, one warning line names the file and
     ``{}`` is returned.
     """
-    from qcflow.qc.segmentation import prediction_maps, save_nifti
-
     root = Path(root)
     folder = scan_folder(scan)
     files: dict[str, str] = {}

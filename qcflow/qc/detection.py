@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 __all__ = [
     "Side",
+    "tau_thresholds",
     "percentile_thresholds",
     "apply_thresholds",
     "anomaly_score",
@@ -35,6 +36,30 @@ def _np(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def tau_thresholds(train: Any, taus: Sequence[float]) -> np.ndarray:
+    """The τ-quantiles of training values: the one definition of a τ threshold.
+
+    A detector flags a value below the τ-quantile of the unlabelled training values (Zuo et
+    al. 2023: a volume fails when its density ``log p_M(m)`` is below the τ-percentile of the
+    training volumes' densities). Quantiles interpolate linearly between order statistics
+    (``numpy.quantile``'s default, Hyndman & Fan type 7): with ``N`` sorted values ``v``,
+    ``q(τ) = v[⌊h⌋] + (h - ⌊h⌋) (v[⌊h⌋ + 1] - v[⌊h⌋])`` at ``h = (N - 1) τ``.
+
+    Args:
+        train: 1-D training values (all of them: no filtering here).
+        taus: fractions in ``[0, 1]`` (0.05 = 5 %).
+
+    Returns:
+        ``(len(taus),)`` float64 thresholds.
+
+    Example:
+        >>> tau_thresholds(np.arange(101.0), [0.05, 0.03]).tolist()
+        [5.0, 3.0]
+    """
+    v = _np(train).astype(np.float64).ravel()
+    return np.atleast_1d(np.quantile(v, [float(t) for t in taus]))
 
 
 def percentile_thresholds(train: Any, tau: float, side: Side = "low") -> tuple[float, float]:
@@ -56,11 +81,12 @@ def percentile_thresholds(train: Any, tau: float, side: Side = "low") -> tuple[f
     if v.size == 0:
         raise ValueError("percentile_thresholds: no finite training value")
     if side == "low":
-        return float(np.quantile(v, tau)), float("inf")
+        return float(tau_thresholds(v, [tau])[0]), float("inf")
     if side == "high":
-        return float("-inf"), float(np.quantile(v, 1.0 - tau))
+        return float("-inf"), float(tau_thresholds(v, [1.0 - tau])[0])
     if side == "two":
-        return float(np.quantile(v, tau / 2)), float(np.quantile(v, 1.0 - tau / 2))
+        low, high = tau_thresholds(v, [tau / 2, 1.0 - tau / 2]).tolist()
+        return float(low), float(high)
     raise ValueError(f"side must be 'low', 'high' or 'two', got {side!r}")
 
 

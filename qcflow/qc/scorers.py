@@ -1,101 +1,113 @@
-"""Model-based scorers for :func:`qcflow.qc.scoring.score_scans`.
+"""Model-based scorers for :func:`qcflow.lit.scoring.score_scans`.
 
 * :class:`DensityScorer` (method A): artifact code ``m``, ``log p_M(m)``, its percentile among
   the training volumes and the pass/review/fail decision;
 * :class:`UncertaintyScorer` (method B): the student's mean artifact variance per kind, its task
   variance and the GM volume with its entropy error bar; optionally the per-scan NIfTI maps.
 
-Each scorer has ``columns``, ``identity`` (part of the resume key), ``preprocess`` (the
-preprocessing its network was trained with) and ``to(device)``.
+Both follow the :class:`~qcflow.qc.scoring.Scorer` protocol and take *loaded* models
+(:class:`DensityModel`, :class:`StudentModel`): finding and loading trained runs is
+:mod:`qcflow.runs`' job (``load_density_model``, ``load_student_model``). Pure torch / NumPy.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
+from torch import nn
 
-from qcflow.data.preprocess import PreprocessConfig, file_digest
-from qcflow.errors import BadFileError, ConfigError
-from qcflow.utils.io import open_regular
+from qcflow.data.preprocess import PreprocessConfig
+from qcflow.errors import ConfigError
+from qcflow.qc.detection import tau_thresholds
+from qcflow.qc.scoring import Scorer
 
-__all__ = ["DensityScorer", "UncertaintyScorer", "stage_data_config"]
+__all__ = ["DensityModel", "DensityScorer", "StudentModel", "UncertaintyScorer"]
 
 log = logging.getLogger(__name__)
 
 
-class DensityScorer:
+@dataclass(frozen=True)
+class DensityModel:
+    """A trained method-A model: encoder, density and the training volumes' codes.
+
+    Attributes:
+        encoder: maps ``(n, 1, s, s)`` slices to ``(n, d)`` codes (eval mode).
+        density: a :class:`~qcflow.models.flow.DensityFlow` (``log_prob`` of ``(N, d)``
+            codes, ``features``).
+        n_central_slices, slice_size: the slicing of its training.
+        train_ids, train_codes, train_logp: the training volumes' ids, ``(N, d)`` codes and
+            ``(N,)`` log-densities (the run's ``codes_train.tsv``): the reference distribution.
+        preprocess: the preprocessing the encoder was trained with (``None``: unknown).
+        digest: hash of the model files (part of the scorer's identity).
+        train_sites: ``scan_id -> site`` of the training volumes (``None``: not looked up;
+            per-site thresholds need it).
+    """
+
+    encoder: nn.Module
+    density: nn.Module
+    n_central_slices: int | None
+    slice_size: int
+    train_ids: list[str]
+    train_codes: np.ndarray
+    train_logp: np.ndarray
+    preprocess: PreprocessConfig | None
+    digest: str
+    train_sites: Mapping[str, str] | None = None
+
+
+class DensityScorer(Scorer):
     """Method A: artifact code ``m``, ``log p_M(m)``, its training percentile and a decision.
 
     ``qc_decision`` is ``fail`` below the ``fail_tau`` density percentile of the unlabelled
-    training volumes, ``review`` between ``fail_tau`` and ``review_tau``, else ``pass``.
+    training volumes, ``review`` between ``fail_tau`` and ``review_tau``, else ``pass``
+    (thresholds: :func:`~qcflow.qc.detection.tau_thresholds` of the training log-densities,
+    the same reference the percentile is read from).
 
     Args:
-        flow_run: a ``flow_density`` run folder (``flow.pt`` + ``codes_train.tsv``); its bundle
-            names the encoder checkpoint and the slice settings used in training.
+        model: the loaded ``flow_density`` run.
         review_tau, fail_tau: fractions of the training distribution (0.05, 0.03).
         per_site: thresholds and percentiles within the scan's site, from the training volumes
-            of that site (``site`` column of ``participants.tsv``); a site with fewer than
-            ``min_site_volumes`` training volumes, or unknown in training, uses the global
-            distribution (column ``threshold_scope`` says which).
+            of that site (``model.train_sites``); a site with fewer than ``min_site_volumes``
+            training volumes, or unknown in training, uses the global distribution (column
+            ``threshold_scope`` says which).
+
+    Raises:
+        ConfigError: the taus are not ``0 < fail_tau <= review_tau < 1``.
+        ValueError: ``per_site`` with a model loaded without its training sites.
     """
+
+    reference_view = True  # qc_decision comes from here: thumbnails show what it saw
 
     def __init__(
         self,
-        flow_run: str | Path,
+        model: DensityModel,
         review_tau: float = 0.05,
         fail_tau: float = 0.03,
         per_site: bool = False,
         min_site_volumes: int = 10,
-    ):
-        from qcflow.tasks.flow_density import (
-            FLOW_FILE,
-            bundle_checkpoints,
-            load_encoder,
-            load_flow,
-            read_codes,
-        )
-
-        run = Path(flow_run)
-        if not (run / FLOW_FILE).is_file():
-            raise ConfigError(f"{run}: no {FLOW_FILE} (not a flow_density run)")
+    ) -> None:
         if not 0 < fail_tau <= review_tau < 1:
             raise ConfigError(
                 f"need 0 < score.fail_tau <= score.review_tau < 1, got {fail_tau}, {review_tau}"
             )
-        self.density, bundle = load_flow(run)
-        ckpts = bundle_checkpoints(bundle)  # one encoder, or an ensemble's members
-        for encoder_ckpt in ckpts:
-            if not encoder_ckpt.is_file():
-                raise ConfigError(f"{encoder_ckpt}: encoder checkpoint of {run} not found")
-        self.encoder = load_encoder(ckpts)
-        self.n_central = bundle["n_central_slices"]
-        self.size = int(bundle["slice_size"])
-        self.data = bundle.get("data") or {}
-        #: the preprocessing the encoder was trained with (None: the caller's)
-        self.preprocess = (
-            PreprocessConfig.from_data_cfg(OmegaConf.create(self.data)) if self.data else None
-        )
-        train_ids, self.train_codes, train_logp = read_codes(run / "codes_train.tsv")
-        self.train_logp = np.sort(train_logp)
-        self.review_thr = float(np.quantile(self.train_logp, review_tau))
-        self.fail_thr = float(np.quantile(self.train_logp, fail_tau))
+        self.encoder, self.density = model.encoder, model.density
+        self.n_central, self.size = model.n_central_slices, int(model.slice_size)
+        self.preprocess = model.preprocess
+        self.train_codes = model.train_codes
+        self.train_logp = np.sort(model.train_logp)
+        self.review_thr, self.fail_thr = tau_thresholds(self.train_logp, [review_tau, fail_tau])
+        self.review_thr, self.fail_thr = float(self.review_thr), float(self.fail_thr)
         d = int(self.density.features)
         self.columns = (*(f"m_{j + 1}" for j in range(d)), "log_density")
         self.columns += ("density_percentile", "qc_decision")
-        # SHA-1 of the bundle's and the encoders' bytes, read in chunks from regular files
-        digest = hashlib.sha1()
-        for file in (run / FLOW_FILE, *ckpts):
-            with open_regular(file) as f:
-                while block := f.read(1 << 20):
-                    digest.update(block)
-        self.identity = f"density-{digest.hexdigest()[:12]}-{review_tau}-{fail_tau}"
+        self.identity = f"density-{model.digest[:12]}-{review_tau}-{fail_tau}"
         self.thresholds = {"review_tau": review_tau, "fail_tau": fail_tau}
         self.thresholds |= {"review_log_density": self.review_thr}
         self.thresholds |= {"fail_log_density": self.fail_thr}
@@ -105,15 +117,16 @@ class DensityScorer:
         if per_site:
             self.columns += ("threshold_scope",)
             self.identity += f"-site{int(min_site_volumes)}"
-            sites = self._training_sites()
-            logp = dict(zip(train_ids, train_logp, strict=True))
+            if model.train_sites is None:
+                raise ValueError("per_site needs the model's training sites (train_sites)")
+            sites = dict(model.train_sites)
+            logp = dict(zip(model.train_ids, model.train_logp, strict=True))
             for site in sorted(set(sites.values())):
                 vals = [logp[sid] for sid, st in sites.items() if st == site and sid in logp]
                 if len(vals) >= int(min_site_volumes):
                     self.site_logp[site] = np.sort(np.asarray(vals, dtype=np.float64))
             for site, vals in self.site_logp.items():
-                review = float(np.quantile(vals, review_tau))
-                fail = float(np.quantile(vals, fail_tau))
+                review, fail = (float(t) for t in tau_thresholds(vals, [review_tau, fail_tau]))
                 self.site_thr[site] = (review, fail)
                 self.thresholds[f"review_log_density[{site}]"] = review
                 self.thresholds[f"fail_log_density[{site}]"] = fail
@@ -127,17 +140,6 @@ class DensityScorer:
         self.encoder.to(device)
         self.density.to(device)
         return self
-
-    def _training_sites(self) -> dict[str, str]:
-        """``scan_id -> site`` of the training volumes (re-discovered from the model's data)."""
-        from qcflow.data.discovery import discover_scans, resolve_data_root
-
-        try:
-            scans = discover_scans(resolve_data_root(OmegaConf.create(self.data)))
-        except Exception as exc:  # training data moved: fall back to global thresholds
-            log.warning("per-site thresholds unavailable (%s); using global ones", exc)
-            return {}
-        return {s.scan_id: s.site for s in scans if s.site}
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         from qcflow.data.contrastive import axial_stack
@@ -159,6 +161,12 @@ class DensityScorer:
         if self.per_site:
             row["threshold_scope"] = f"site:{site}" if ref is not self.train_logp else "global"
         return row
+
+    def finish(self, table: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
+        """``density_contours.png``: contours of p_M(m) with the training codes and every
+        scored scan on top (for d = 2 only)."""
+        made = self.plot(table, Path(out_dir) / "density_contours.png")
+        return {"density_contours": made} if made is not None else {}
 
     def plot(self, table: pd.DataFrame, path: Path) -> Path | None:
         """Density contours of p_M(m) with the training codes and every scored scan on top."""
@@ -184,23 +192,27 @@ class DensityScorer:
         )
 
 
-def stage_data_config(ckpt: Path) -> dict[str, Any] | None:
-    """The ``data`` config of the run that wrote ``ckpt`` (``<run>/checkpoints/x.ckpt``), read
-    from Hydra's ``<run>/.hydra/config.yaml``; ``None`` when the run folder has none."""
-    cfg_file = Path(ckpt).resolve().parent.parent / ".hydra" / "config.yaml"
-    if not cfg_file.is_file():
-        return None
-    try:
-        data = OmegaConf.load(cfg_file).get("data")
-        # interpolations to other sections (paths, seed) are not needed for preprocessing
-        keys = ("spacing", "fov_mm", "shape", "percentiles", "patch_size")
-        return {k: OmegaConf.to_container(data, resolve=False).get(k) for k in keys}
-    except Exception as exc:
-        log.warning("%s: unreadable run config (%s)", cfg_file, exc)
-        return None
+@dataclass(frozen=True)
+class StudentModel:
+    """A trained method-B network with artifact channels (a student or a teacher).
+
+    Attributes:
+        net: a two-head network; ``net.predict`` maps ``(n, 1, *roi)`` to
+            ``(n, 2 + K, *roi)`` (logits, then log-variances).
+        sources: names of the K log-variance channels (``task`` first).
+        preprocess: the preprocessing it was trained with (``None``: unknown).
+        patch_size: its training patch size (``None``: unknown).
+        digest: hash of the checkpoint (part of the scorer's identity).
+    """
+
+    net: nn.Module
+    sources: list[str]
+    preprocess: PreprocessConfig | None
+    patch_size: list[int] | None
+    digest: str
 
 
-class UncertaintyScorer:
+class UncertaintyScorer(Scorer):
     """Method B: the student network's artifact attribution for one scan.
 
     Columns: ``artifact_variance_total`` (mean over the image of ``sum_i sigma_i^2``, the
@@ -209,8 +221,8 @@ class UncertaintyScorer:
     ``gm_volume_sd_ml`` (entropy error bar summed over the head mask).
 
     Args:
-        checkpoint: an ``uncertainty_student`` (or teacher) checkpoint.
-        roi_size: sliding-window size (default: the training patch size of its run).
+        model: the loaded student.
+        roi_size: sliding-window size (default: the model's training patch size, else 64³).
         overlap, sw_batch_size: sliding-window settings.
         maps_dir: when set, write the per-scan NIfTI maps there
             (:func:`qcflow.qc.derivatives.write_maps`).
@@ -218,35 +230,18 @@ class UncertaintyScorer:
 
     def __init__(
         self,
-        checkpoint: str | Path,
-        roi_size: list[int] | None = None,
+        model: StudentModel,
+        roi_size: Sequence[int] | None = None,
         overlap: float = 0.25,
         sw_batch_size: int = 4,
         maps_dir: str | Path | None = None,
     ) -> None:
-        from qcflow.utils.stages import load_stage
-
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise ConfigError(f"{path}: uncertainty checkpoint not found")
-        try:
-            module = load_stage(path)
-        except BadFileError:  # one line naming the file already
-            raise
-        except Exception as exc:
-            raise ConfigError(f"{path}: not a qcflow uncertainty checkpoint ({exc})") from exc
-        if module.role == "task":
-            raise ConfigError(
-                f"{path}: a task network has no artifact channels; give an uncertainty_student "
-                "checkpoint (score.student_ckpt)"
-            )
-        self.net = module.net
-        self.sources = list(module.sources)
+        self.net = model.net
+        self.sources = list(model.sources)
         self.kinds = [s for s in self.sources if s != "task"]
-        data = stage_data_config(path) or {}
-        self.preprocess = PreprocessConfig.from_data_cfg(OmegaConf.create(data)) if data else None
+        self.preprocess = model.preprocess
         if roi_size is None:
-            roi_size = list(data.get("patch_size") or [64, 64, 64])
+            roi_size = list(model.patch_size or [64, 64, 64])
         self.roi_size = [int(r) for r in roi_size]
         self.overlap, self.sw_batch_size = float(overlap), int(sw_batch_size)
         self.maps_dir = Path(maps_dir) if maps_dir is not None else None
@@ -257,12 +252,23 @@ class UncertaintyScorer:
             "gm_volume_ml",
             "gm_volume_sd_ml",
         )
-        digest = file_digest(path)[:12]
-        self.identity = f"uncertainty-{digest}-{self.roi_size}-{self.overlap}"
+        self.identity = f"uncertainty-{model.digest[:12]}-{self.roi_size}-{self.overlap}"
 
     def to(self, device: torch.device | str) -> UncertaintyScorer:
         self.net.to(device)
         return self
+
+    def start(self, out_dir: Path) -> None:
+        """The maps folder's ``dataset_description.json`` (a failed write: one warning)."""
+        if self.maps_dir is None:
+            return
+        from qcflow.qc.derivatives import write_description
+
+        try:
+            write_description(self.maps_dir)
+        except OSError as exc:
+            reason = (exc.strerror or str(exc) or type(exc).__name__).splitlines()[0]
+            log.warning("%s: cannot write (%s)", self.maps_dir / "dataset_description.json", reason)
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         from qcflow.qc.iqm import head_mask

@@ -1,23 +1,24 @@
-"""Scoring a dataset scan by scan: robust to bad scans, incremental, atomic and resumable.
+"""Scoring a dataset scan by scan: the scorer protocol, the rows and the table.
 
-A *scorer* turns one preprocessed volume into columns (the classical IQMs here; the encoder +
-flow density and the uncertainty student plug in the same way). :func:`score_scans` runs every
-scorer on every scan:
+A *scorer* (:class:`Scorer`) turns one preprocessed volume into columns: the classical IQMs
+here (:class:`IQMScorer`), the encoder + flow density and the uncertainty student in
+:mod:`qcflow.qc.scorers`. The engine that runs every scorer on every scan
+(:func:`qcflow.lit.scoring.score_scans`, a Lightning prediction loop) builds on what is here:
 
-* a scan that cannot be loaded or scored gets a row with ``status=error`` and the one-line
-  reason in ``error``; the others continue;
-* the table is rewritten atomically every ``flush_every`` rows and at the end, so an
-  interrupted run (Ctrl-C, a killed job) leaves a valid partial ``scores.tsv``; when the table
-  cannot be written (disk full), scoring stops with a one-line :class:`TableWriteError` and the
-  file keeps its last complete content;
-* with ``previous`` rows (resume), a scan whose file path, content (SHA-1) and model identity
-  are unchanged is not scored again; its row is reused under the scan's current id, and
-  floats and strings read back exactly as they were written (a resumed table is byte for
-  byte the table of an uninterrupted run);
-* loading and preprocessing run in DataLoader workers (``num_workers``); rows keep scan order;
-* prediction runs through Lightning (:class:`ScoringModule` + :class:`ScoreWriter`), so a
-  ``trainer`` with ``strategy=ddp`` and ``devices=N`` spreads the scans over N processes
-  (each writes its rows; rank 0 merges them) with the same rows as one process.
+* :func:`prepare_scoring` decides each scorer's preprocessing once, the model identity and
+  which scans an earlier table already holds (resume: a scan whose file path, content (SHA-1)
+  and model identity are unchanged is not scored again; its row is reused under the scan's
+  current id);
+* :class:`ScoringDataset` loads and preprocesses scans; a scan that cannot be loaded gets a row
+  with ``status=error`` and the one-line reason in ``error``, the others continue;
+* :func:`score_row` runs the scorers on one scan (a scorer's exception becomes an error row);
+* :class:`ScoreTable` is rewritten atomically every ``flush_every`` rows and at the end, so an
+  interrupted run leaves a valid partial ``scores.tsv``; floats and strings read back exactly
+  as they were written (a resumed table is byte for byte the table of an uninterrupted run);
+  when the table cannot be written (disk full) scoring stops with a one-line
+  :class:`TableWriteError` and the file keeps its last complete content.
+
+Pure torch / NumPy / pandas: no Lightning, no run folders.
 """
 
 from __future__ import annotations
@@ -25,20 +26,16 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-import signal
-import sys
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import BasePredictionWriter
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from qcflow.data.discovery import Scan
 from qcflow.data.nifti import check_readable
@@ -52,16 +49,15 @@ __all__ = [
     "Scorer",
     "IQMScorer",
     "ScoringDataset",
-    "ScoringModule",
+    "ScoringPlan",
     "ScoreTable",
-    "ScoreWriter",
     "STRING_COLUMNS",
     "TableWriteError",
-    "default_trainer",
-    "quiet_lightning",
+    "prepare_scoring",
+    "reference_preprocessing",
     "rank_table_path",
     "models_identity",
-    "score_scans",
+    "score_row",
 ]
 
 log = logging.getLogger(__name__)
@@ -99,22 +95,51 @@ class TableWriteError(QCFlowError):
         self.path = path
 
 
-class Scorer(Protocol):
-    """Computes columns for one preprocessed scan.
+class Scorer:
+    """Computes columns for one preprocessed scan; the one protocol every scorer follows.
 
-    ``identity`` changes whenever the scorer's output could change (e.g. a checkpoint digest);
-    it is part of the resume key.
+    Subclasses set ``columns`` and ``identity`` and implement :meth:`__call__`; the rest has
+    defaults that a scorer overrides when it needs them. Post-processing reads only these
+    members, never the scorer's type.
+
+    Attributes:
+        columns: the columns :meth:`__call__` returns (in table order).
+        identity: changes whenever the scorer's output could change (e.g. a checkpoint
+            digest); part of the resume key.
+        preprocess: the preprocessing the scorer's network was trained with; ``None``: the
+            table's reference preprocessing (:func:`reference_preprocessing`).
+        reference_view: the scorer's ``preprocess`` is the table's reference view: scorers
+            without their own preprocessing (the IQMs) and the thumbnails of flagged scans use
+            it. The density model that makes ``qc_decision`` sets it, so a flagged scan's
+            thumbnail shows what the decision saw.
+        thresholds: decision thresholds shown in the report and returned in the metrics.
     """
 
-    columns: Sequence[str]
-    identity: str
+    columns: Sequence[str] = ()
+    identity: str = ""
+    preprocess: PreprocessConfig | None = None
+    reference_view: bool = False
+    thresholds: Mapping[str, Any] = MappingProxyType({})
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         """``item``: ``{"image": (1, D, H, W) float32 in [0, 1], "affine", "scan": Scan}``."""
-        ...
+        raise NotImplementedError
+
+    def to(self, device: torch.device | str) -> Scorer:
+        """Move the scorer's networks to ``device`` (scoring runs on the trainer's device)."""
+        return self
+
+    def start(self, out_dir: Path) -> None:
+        """Prepare the scorer's own outputs under ``out_dir`` before the first scan (every
+        process of a multi-process run calls it)."""
+
+    def finish(self, table: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
+        """After the whole table is scored (rank 0): write the scorer's figures under
+        ``out_dir``; returns them by name (the report shows the first)."""
+        return {}
 
 
-class IQMScorer:
+class IQMScorer(Scorer):
     """Classical measures ``snr, cnr, cjv, efc, fber`` (:mod:`qcflow.qc.iqm`)."""
 
     columns = IQM_NAMES
@@ -129,6 +154,19 @@ def models_identity(scorers: Iterable[Scorer], pcfg: PreprocessConfig) -> str:
     """Short hash of every scorer's identity and the preprocessing settings."""
     blob = "|".join([pcfg.key(), *(s.identity for s in scorers)])
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def reference_preprocessing(
+    scorers: Sequence[Scorer], default: PreprocessConfig
+) -> PreprocessConfig:
+    """The table's reference preprocessing: the first ``reference_view`` scorer's own, else
+    ``default`` (the ``data`` config). It is part of the model identity."""
+    for scorer in scorers:
+        if scorer.reference_view and scorer.preprocess is not None:
+            if scorer.preprocess.key() != default.key():
+                log.info("using the preprocessing of %s: %s", scorer.identity, scorer.preprocess)
+            return scorer.preprocess
+    return default
 
 
 class ScoringDataset(Dataset):
@@ -178,140 +216,50 @@ class ScoringDataset(Dataset):
         return item
 
 
-def _single(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Collate for ``batch_size=1``: the item itself (scans differ in what they carry)."""
-    return batch[0]
+def score_row(
+    item: dict[str, Any], scorers: Sequence[Scorer], views: Sequence[str], model_id: str
+) -> dict[str, Any]:
+    """One table row: every scorer on one loaded scan, each on its own preprocessing view.
 
+    Args:
+        item: a :class:`ScoringDataset` item.
+        scorers: the scorers; ``views[i]`` is the preprocessing key scorer ``i`` reads.
+        model_id: the models' identity (a resume key).
 
-class ScoringModule(pl.LightningModule):
-    """Runs every scorer on one scan per ``predict_step`` and returns the row.
-
-    The scorers' networks are moved to the module's device at the start of prediction (a
-    scorer exposes them through an optional ``to(device)``); a scan's tensors are moved in
-    :meth:`transfer_batch_to_device`. A scorer's exception becomes an ``error`` row.
-    Row keys starting with ``_`` are not table columns: they are handed to the writer's
-    ``on_row`` in ``item["extras"]``.
+    Returns:
+        The row; a load error or a scorer's exception gives ``status=error`` with the one-line
+        reason (and no scorer columns). Keys starting with ``_`` are not table columns.
     """
-
-    def __init__(self, scorers: Sequence[Scorer], model_id: str) -> None:
-        super().__init__()
-        self.scorers = list(scorers)
-        self.model_id = model_id
-
-    def on_predict_start(self) -> None:
-        for scorer in self.scorers:
-            if hasattr(scorer, "to"):
-                scorer.to(self.device)
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, idx: int) -> Any:
-        def move(d: dict[str, Any]) -> dict[str, Any]:
-            return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
-
-        out = move(batch)
-        out["views"] = {k: move(v) for k, v in batch.get("views", {}).items()}
-        return out
-
-    def predict_step(self, item: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
-        scan: Scan = item["scan"]
-        row: dict[str, Any] = {
-            "scan_id": scan.scan_id,
-            "path": str(scan.path),
-            "site": scan.site or "",
-            "file_sha1": item["file_sha1"],
-            "model_id": self.model_id,
-            "status": "ok",
-            "error": "",
-        }
-        if item["error"]:
-            row.update(status="error", error=item["error"])
-            return row
-        try:
-            # float32 even under a mixed-precision trainer: thresholds were computed in float32
-            with torch.autocast(self.device.type, enabled=False):
-                for scorer in self.scorers:
-                    view = item["views"].get(getattr(scorer, "preprocess_key", None))
-                    row.update(scorer({**item, **view} if view else item))
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as exc:
-            reason = f"scoring failed: {type(exc).__name__}: {exc}".splitlines()[0]
-            row = {k: row[k] for k in (*BASE_COLUMNS, "file_sha1", "model_id")}
-            row.update(status="error", error=reason)
-            log.warning("%s: %s", scan.path, reason)
+    scan: Scan = item["scan"]
+    row: dict[str, Any] = {
+        "scan_id": scan.scan_id,
+        "path": str(scan.path),
+        "site": scan.site or "",
+        "file_sha1": item["file_sha1"],
+        "model_id": model_id,
+        "status": "ok",
+        "error": "",
+    }
+    if item["error"]:
+        row.update(status="error", error=item["error"])
         return row
+    try:
+        for scorer, key in zip(scorers, views, strict=True):
+            view = item["views"].get(key)
+            row.update(scorer({**item, **view} if view else item))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:
+        reason = f"scoring failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        row = {k: row[k] for k in (*BASE_COLUMNS, "file_sha1", "model_id")}
+        row.update(status="error", error=reason)
+        log.warning("%s: %s", scan.path, reason)
+    return row
 
 
 def rank_table_path(path: Path, rank: int) -> Path:
     """Where rank ``rank`` of a multi-process run writes its rows (rank 0: ``path`` itself)."""
     return path if rank == 0 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
-
-
-class ScoreWriter(BasePredictionWriter):
-    """Adds each predicted row to this rank's :class:`ScoreTable` (flushed incrementally and
-    on an exception) and calls ``on_row(row, item)``."""
-
-    def __init__(
-        self,
-        table: ScoreTable,
-        on_row: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
-    ) -> None:
-        super().__init__(write_interval="batch")
-        self.table = table
-        self.on_row = on_row
-        self.new = 0
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.table.path = rank_table_path(self.table.path, trainer.global_rank)
-
-    def write_on_batch_end(
-        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
-    ) -> None:
-        extras = {k: prediction.pop(k) for k in [k for k in prediction if k.startswith("_")]}
-        self.table.add(prediction)
-        self.new += 1
-        if self.on_row is not None:
-            self.on_row(prediction, {**batch, "extras": extras})
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, TableWriteError):
-            return  # the table cannot be written: the last complete one stays
-        try:
-            self.table.flush()  # Ctrl-C or a crash: a valid partial table
-        except TableWriteError as exc:
-            log.warning("%s", exc)
-
-    def on_predict_epoch_end(self, trainer, pl_module) -> None:
-        self.table.flush()
-
-
-@contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Silence Lightning's start-up banner (GPU/TPU availability, tips) and a torch pytree
-    deprecation warning it triggers; warnings and errors still show."""
-    import warnings
-
-    banner = logging.getLogger("pytorch_lightning.utilities.rank_zero")
-    level = banner.level
-    banner.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
-            yield
-    finally:
-        banner.setLevel(level)
-
-
-def default_trainer(progress: bool) -> pl.Trainer:
-    """A single-process CPU trainer for scoring (no logger, no checkpoints)."""
-    with quiet_lightning():
-        return pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=progress,
-        )
 
 
 class ScoreTable:
@@ -377,6 +325,16 @@ class ScoreTable:
             float_precision="round_trip",
         )
 
+    def merge_ranks(self, world_size: int) -> None:
+        """Rank 0 of a multi-process run: take every other rank's rows into this table (their
+        files are removed) and rewrite it."""
+        for rank in range(1, world_size):
+            part = rank_table_path(self.path, rank)
+            for row in ScoreTable.records(ScoreTable.read(part)):
+                self.rows[str(row["scan_id"])] = row
+            part.unlink()
+        self.flush()
+
 
 def _reusable(previous: pd.DataFrame | None, model_id: str) -> dict[tuple[str, str], dict]:
     """Rows of an earlier table that can be kept: same file path, content and models."""
@@ -386,65 +344,49 @@ def _reusable(previous: pd.DataFrame | None, model_id: str) -> dict[tuple[str, s
     return {(str(r["path"]), str(r["file_sha1"])): r for r in ScoreTable.records(keep)}
 
 
-def score_scans(
+@dataclass
+class ScoringPlan:
+    """What :func:`prepare_scoring` decided: the table (reused rows already in it), the scans
+    left to score with their SHA-1, the preprocessing caches and each scorer's view."""
+
+    table: ScoreTable
+    model_id: str
+    caches: list[PreprocessCache]
+    views: list[str]
+    todo: list[Scan] = field(default_factory=list)
+    digests: list[str] = field(default_factory=list)
+
+
+def prepare_scoring(
     scans: Sequence[Scan],
     scorers: Sequence[Scorer],
     table_path: str | Path,
     pcfg: PreprocessConfig,
     cache_dir: str | Path | None = None,
     previous: pd.DataFrame | None = None,
-    num_workers: int = 0,
     flush_every: int = 10,
-    progress: bool | None = None,
-    on_row: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
-    trainer: pl.Trainer | None = None,
     on_reuse: Callable[[Scan, dict[str, Any]], None] | None = None,
-) -> pd.DataFrame | None:
-    """Score every scan with every scorer; see the module docstring for the guarantees.
+) -> ScoringPlan:
+    """Decide preprocessing, model identity and what is left to score (see the module docstring).
 
-    Args:
-        scans: what to score (order kept in the table).
-        scorers: column producers; their columns follow ``scan_id, path, site``. A scorer with
-            a ``preprocess`` attribute (a :class:`PreprocessConfig`) gets its own view.
-        table_path: the ``scores.tsv`` written incrementally.
-        pcfg: default preprocessing settings (part of the model identity).
-        cache_dir: preprocessing cache (None: no cache).
-        previous: an earlier table to resume from (rows with the same file content and
-            model identity are kept, not recomputed).
-        num_workers: DataLoader workers for loading/preprocessing.
-        flush_every: rows between atomic rewrites of the table.
-        progress: show a progress bar with ETA (default: when stderr is a terminal).
-        on_row: called as ``on_row(row, item)`` for every newly scored scan (``item`` holds
-            the preprocessed ``image``; e.g. to write thumbnails or per-scan maps).
-        trainer: the Lightning trainer that runs prediction (default: one CPU process). With
-            several processes (``strategy=ddp``, ``devices=N``) each rank scores its share
-            into ``scores.rank<r>.tsv``; rank 0 merges them into ``table_path``.
-        on_reuse: called as ``on_reuse(scan, previous_row)`` for every scan whose previous
-            row is kept (``previous_row["scan_id"]`` is the id it had then, e.g. to copy its
-            thumbnail and maps).
-
-    Returns:
-        The final table (``None`` on ranks other than 0). After Ctrl-C the partial table is
-        flushed, then KeyboardInterrupt is raised.
-
-    Raises:
-        TableWriteError: the table could not be written (disk full); it keeps the rows of
-            its last complete write.
+    The table's reference preprocessing is :func:`reference_preprocessing` of ``pcfg``; a
+    scorer with its own ``preprocess`` reads its own view (one preprocessing cache per distinct
+    setting). ``on_reuse(scan, previous_row)`` is called for every scan whose previous row is
+    kept (``previous_row["scan_id"]`` is the id it had then).
     """
-    columns = [c for s in scorers for c in s.columns]
+    pcfg = reference_preprocessing(scorers, pcfg)
     caches = [PreprocessCache(cache_dir, pcfg)]
+    views = []
     for scorer in scorers:
-        own = getattr(scorer, "preprocess", None)
-        if own is not None and own.key() not in {c.pcfg.key() for c in caches}:
+        own = scorer.preprocess if scorer.preprocess is not None else pcfg
+        if own.key() not in {c.pcfg.key() for c in caches}:
             caches.append(PreprocessCache(cache_dir, own))
-        scorer.preprocess_key = (own or pcfg).key()  # type: ignore[attr-defined]
+        views.append(own.key())
     model_id = models_identity(scorers, pcfg)
-    table = ScoreTable(table_path, columns, flush_every)
+    table = ScoreTable(table_path, [c for s in scorers for c in s.columns], flush_every)
     table.order = [scan.scan_id for scan in scans]
+    plan = ScoringPlan(table, model_id, caches, views)
     reusable = _reusable(previous, model_id)
-
-    todo: list[Scan] = []
-    digests: list[str] = []
     for scan in scans:
         digest = file_digest(scan.path) if Path(scan.path).is_file() else ""
         old = reusable.get((str(scan.path), digest))
@@ -453,47 +395,8 @@ def score_scans(
             if on_reuse is not None:
                 on_reuse(scan, old)
         else:
-            todo.append(scan)
-            digests.append(digest)
+            plan.todo.append(scan)
+            plan.digests.append(digest)
     if reusable:
-        log.info("resume: %d of %d scans already scored", len(scans) - len(todo), len(scans))
-
-    show = sys.stderr.isatty() if progress is None else bool(progress)
-    trainer = trainer if trainer is not None else default_trainer(show)
-    writer = ScoreWriter(table, on_row)
-    trainer.callbacks.append(writer)
-    loader = DataLoader(
-        ScoringDataset(todo, caches, digests),
-        batch_size=1,
-        collate_fn=_single,
-        num_workers=num_workers,
-        shuffle=False,
-    )
-    t0 = time.perf_counter()
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        if todo:
-            with quiet_lightning():
-                module = ScoringModule(scorers, model_id)
-                trainer.predict(module, loader, return_predictions=False)
-        else:
-            table.flush()
-    except SystemExit:
-        if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) after on_exception
-            raise KeyboardInterrupt from None
-        raise
-    finally:
-        signal.signal(signal.SIGINT, handler)  # Lightning leaves SIGINT ignored after Ctrl-C
-        trainer.callbacks.remove(writer)
-    log.info("scored %d scans in %.1f s", writer.new, time.perf_counter() - t0)
-    if trainer.world_size > 1:
-        trainer.strategy.barrier("qcflow-score-merge")
-        if trainer.global_rank != 0:
-            return None
-        for rank in range(1, trainer.world_size):
-            part = rank_table_path(table.path, rank)
-            for row in ScoreTable.records(ScoreTable.read(part)):
-                table.rows[str(row["scan_id"])] = row
-            part.unlink()
-        table.flush()
-    return table.frame()
+        log.info("resume: %d of %d scans already scored", len(scans) - len(plan.todo), len(scans))
+    return plan

@@ -4,8 +4,8 @@
 * :func:`predict_volume`: sliding-window prediction of a whole volume with a two-head network:
   segmentation, ``sigma_t^2``, each ``sigma_i^2``, the entropy of ``softmax(f / sigma^2)``
   (``sigma^2`` the variance sum) and the GM volume with an error bar;
-* :func:`summarize_prediction` / :func:`write_prediction`: per-scan JSON summary and NIfTI maps
-  (:func:`prediction_maps` + :func:`save_nifti`, shared with the scoring derivatives).
+* :func:`summarize_prediction`: the per-scan numbers (the maps are written by
+  :func:`qcflow.qc.derivatives.write_maps`).
 
 GM volume error bar (Shaw et al. 2021): each voxel's entropy ``H`` is turned into a variance with
 the Gaussian variance-entropy relation ``sigma_v^2 = exp(2 H) / (2 pi e)``; the volume variance is
@@ -15,14 +15,13 @@ times the voxel volume. Note that a fully confident voxel (``H = 0``) still cont
 error bar has a floor that grows with the number of voxels summed (``volume_mask``: the head by
 default); its *changes* with image quality are what carry the information.
 
-Pure tensor / NumPy functions except :func:`save_nifti` and :func:`write_prediction` (files).
+Pure tensor / NumPy functions (no files).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,9 +34,6 @@ __all__ = [
     "entropy_map",
     "predict_volume",
     "summarize_prediction",
-    "prediction_maps",
-    "save_nifti",
-    "write_prediction",
 ]
 
 
@@ -160,55 +156,3 @@ def summarize_prediction(
             pred["segmentation"] == 1, torch.as_tensor(label).reshape(ent.shape) == 1
         )
     return out
-
-
-def prediction_maps(pred: Mapping[str, Tensor], sources: Sequence[str]) -> dict[str, Tensor]:
-    """The per-scan maps that are written: ``seg`` (uint8), ``var-<source>`` for every source,
-    ``var-artifact`` and ``entropy`` (float32), on the CPU."""
-    maps = {"seg": pred["segmentation"].to("cpu", torch.uint8)}
-    maps.update({f"var-{s}": pred[f"var_{s}"] for s in sources})
-    maps["var-artifact"] = pred["var_artifact"]
-    maps["entropy"] = pred["entropy"]
-    return {k: v if k == "seg" else v.detach().to("cpu", torch.float32) for k, v in maps.items()}
-
-
-def save_nifti(path: str | Path, tensor: Tensor, affine: np.ndarray) -> Path:
-    """Write ``tensor`` as a gzipped NIfTI (millimetre units), atomically."""
-    import gzip
-
-    import nibabel as nib
-
-    from qcflow.utils.io import atomic_path
-
-    img = nib.Nifti1Image(tensor.numpy(), np.asarray(affine, dtype=np.float64))
-    img.header.set_xyzt_units("mm")
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(gzip.compress(img.to_bytes(), compresslevel=1))
-    return Path(path)
-
-
-def write_prediction(
-    out_dir: str | Path,
-    scan_id: str,
-    pred: Mapping[str, Tensor],
-    sources: Sequence[str],
-    affine: np.ndarray,
-    summary: Mapping[str, Any] | None = None,
-) -> dict[str, str]:
-    """Write ``<scan_id>_{seg,var-<source>,var-artifact,entropy}.nii.gz`` and ``<scan_id>.json``.
-
-    Returns:
-        map name -> file path (also stored in the JSON under ``files``).
-    """
-    import json
-
-    from qcflow.utils.io import atomic_write_text
-
-    out_dir = Path(out_dir)
-    files = {
-        name: str(save_nifti(out_dir / f"{scan_id}_{name}.nii.gz", tensor, affine))
-        for name, tensor in prediction_maps(pred, sources).items()
-    }
-    record = {"scan_id": scan_id, "sources": list(sources), **dict(summary or {}), "files": files}
-    atomic_write_text(out_dir / f"{scan_id}.json", json.dumps(record, indent=2, default=float))
-    return files

@@ -5,7 +5,7 @@ Wiring only: the embedded/user data (bad scans skipped with their reason) ->
 ``cfg.augment`` for the corrupted negatives -> :class:`~qcflow.lit.contrastive.ContrastiveEncoder`
 from ``cfg.model`` -> ``Trainer.fit``. The checkpoint lands in ``<run>/checkpoints/last.ckpt``,
 where ``flow_density`` finds it. ``resume=true|auto|PATH`` continues a run from its checkpoint
-(:func:`qcflow.tasks.common.resume_plan`).
+(:func:`qcflow.runs.resume.resume_plan`).
 """
 
 from __future__ import annotations
@@ -20,30 +20,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from qcflow.data.contrastive import ContrastiveDataModule
+from qcflow.runs.resume import fit, prepare_resume, resume_results
 from qcflow.tasks.common import (
     build_trainer,
-    fit,
-    prepare_resume,
-    resume_results,
     seed_all,
+    set_threads,
+    skipped_report,
     trainer_metrics,
 )
 
-__all__ = ["run", "set_threads", "skipped_report", "curriculum_callbacks"]
+__all__ = ["run", "curriculum_callbacks"]
 
 log = logging.getLogger(__name__)
-
-
-def set_threads(cfg: DictConfig) -> None:
-    """``torch.set_num_threads(cfg.threads)`` when set (PITFALLS.md: fewer is safer on CPUs)."""
-    threads = cfg.get("threads")
-    if threads:
-        torch.set_num_threads(int(threads))
-
-
-def skipped_report(dm: Any) -> list[dict[str, str]]:
-    """The scans a data module skipped, as ``[{"scan": path, "reason": ...}]``."""
-    return [{"scan": str(scan.path), "reason": reason} for scan, reason in dm.errors]
 
 
 def curriculum_callbacks(ccfg: Any) -> list[Any]:

@@ -32,15 +32,17 @@ from qcflow.data.datamodule import VolumeDataModule
 from qcflow.data.discovery import resolve_data_root
 from qcflow.models.flow import tau_key
 from qcflow.qc import detection as det
-from qcflow.tasks.encoder_contrastive import set_threads, skipped_report
-from qcflow.tasks.flow_density import (
+from qcflow.runs.flow import (
+    CODES_FILE,
     bundle_checkpoints,
-    embed_volumes,
+    find_flow_run,
     load_encoder,
     load_flow,
     read_codes,
 )
-from qcflow.utils.runs import find_latest_run
+from qcflow.runs.folders import saved_config
+from qcflow.tasks.common import set_threads, skipped_report
+from qcflow.tasks.flow_density import embed_volumes
 from qcflow.utils.wandb import log_images, log_table
 
 __all__ = [
@@ -73,10 +75,10 @@ def simulated_kinds_of(encoder_checkpoint: str | Path) -> list[str] | None:
     """
     from qcflow.kspace import KINDS
 
-    path = Path(str(encoder_checkpoint)).resolve().parent.parent / ".hydra" / "config.yaml"
-    if not path.is_file():
+    saved = saved_config(Path(str(encoder_checkpoint)).resolve().parent.parent)
+    if saved is None:
         return None
-    augment = OmegaConf.load(path).get("augment")
+    augment = saved.get("augment")
     if not augment or float(augment.get("rate", 1.0)) <= 0.0:
         return [] if augment is not None else None
     kinds = []
@@ -222,12 +224,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     set_threads(cfg)
     out = Path(cfg.paths.output_dir)
     ecfg = cfg.evaluate
-    flow_run = (
-        Path(str(ecfg.flow_run))
-        if ecfg.get("flow_run")
-        else find_latest_run(
-            cfg.paths.runs_dir, str(ecfg.get("flow_experiment", "flow_density")), require="flow.pt"
-        )
+    flow_run = find_flow_run(
+        cfg.paths.runs_dir, ecfg.get("flow_run"), str(ecfg.get("flow_experiment", "flow_density"))
     )
     density, bundle = load_flow(flow_run)
     ckpts = bundle_checkpoints(bundle)  # one encoder, or an ensemble's members
@@ -237,7 +235,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         with open_dict(ecfg):
             ecfg.taus = [float(ecfg.tau)]
     if ecfg.get("taus"):  # other operating points: thresholds from the training codes, no refit
-        _, m_train, _ = read_codes(flow_run / "codes_train.tsv")
+        _, m_train, _ = read_codes(flow_run / CODES_FILE)
         density.set_thresholds(torch.as_tensor(m_train, dtype=torch.float32), list(ecfg.taus))
     taus = [float(t) for t in density.taus.tolist()]
     vcache = _VolumeCache(flow_run / "eval_cache.pt" if ecfg.get("cache", True) else None)
@@ -354,7 +352,7 @@ def _figures(
 ) -> None:  # fmt: skip
     from qcflow.qc import plots
 
-    _, train, _ = read_codes(flow_run / "codes_train.tsv")
+    _, train, _ = read_codes(flow_run / CODES_FILE)
     m_train = torch.as_tensor(train, dtype=torch.float32)
     with torch.no_grad():
         z_train = density.to_latent(m_train).numpy()

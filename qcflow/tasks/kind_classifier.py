@@ -19,7 +19,7 @@ The loop is hand-written (no Lightning), so it keeps its own resumable state: ev
 network, the Adam state, the step, the global random state, the patch-drawing generator and the
 k-space samplers' generators as they were when the volume bank was last corrupted (the bank is
 rebuilt from them on resume instead of being stored). ``resume=true|auto|PATH`` continues from
-it (:func:`qcflow.tasks.common.resume_plan`) and ends with the same classifier as an
+it (:func:`qcflow.runs.resume.resume_plan`) and ends with the same classifier as an
 uninterrupted run (tested); the file loads with ``torch.load(..., weights_only=True)``.
 """
 
@@ -37,9 +37,10 @@ from omegaconf import DictConfig
 
 from qcflow.errors import ConfigError
 from qcflow.models.unet import PatchContext
-from qcflow.tasks.common import prepare_resume, resume_results, seed_all
+from qcflow.runs.folders import find_latest_run
+from qcflow.runs.resume import prepare_resume, resume_results
+from qcflow.tasks.common import seed_all
 from qcflow.utils.io import atomic_path
-from qcflow.utils.runs import find_latest_run
 
 __all__ = ["run", "volume_confusion", "classifier_path", "CLASSIFIER_FILE", "CHECKPOINT_KEYS"]
 

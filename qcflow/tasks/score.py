@@ -19,6 +19,7 @@ of the id it had *then* to its id now, so no scan ever shows another scan's outp
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import time
@@ -34,49 +35,27 @@ from omegaconf import DictConfig
 from qcflow.data.discovery import Scan, discover_scans, resolve_data_root
 from qcflow.data.preprocess import PreprocessConfig
 from qcflow.errors import ConfigError, QCFlowError
-from qcflow.qc.derivatives import DERIVATIVES, copy_maps, write_description
+from qcflow.lit.scoring import quiet_lightning, score_scans
+from qcflow.qc.derivatives import DERIVATIVES, copy_maps
 from qcflow.qc.report import write_report, write_thumbnail
 from qcflow.qc.scorers import DensityScorer, UncertaintyScorer
-from qcflow.qc.scoring import IQMScorer, Scorer, ScoreTable, quiet_lightning, score_scans
-from qcflow.tasks.common import build_loggers, resolve_checkpoint
+from qcflow.qc.scoring import IQMScorer, Scorer
+from qcflow.runs.flow import find_flow_run, load_density_model
+from qcflow.runs.scores import previous_table
+from qcflow.runs.stages import find_student_checkpoint, load_student_model
+from qcflow.tasks.common import build_loggers, set_threads
 from qcflow.utils.io import atomic_path
-from qcflow.utils.runs import find_latest_run
 from qcflow.utils.wandb import log_images, log_table
 
-__all__ = [
-    "run",
-    "score_dataset",
-    "build_scorers",
-    "build_score_trainer",
-    "previous_table",
-    "find_flow_run",
-    "find_student_checkpoint",
-    "DensityScorer",
-    "UncertaintyScorer",
-]
+__all__ = ["run", "score_dataset", "build_scorers", "build_score_trainer"]
 
 log = logging.getLogger(__name__)
 
 
-def find_flow_run(cfg: DictConfig) -> Path | None:
-    """``score.flow_run`` or the latest ``flow_density`` run with ``flow.pt`` (None if absent)."""
-    given = cfg.score.get("flow_run")
-    if given:
-        return Path(str(given)).expanduser()
+def _found(find: Any) -> Path | None:
+    """``find()``, or ``None`` when it finds no trained model (``auto`` scoring skips it)."""
     try:
-        return find_latest_run(cfg.paths.runs_dir, "flow_density", require="flow.pt")
-    except ConfigError:
-        return None
-
-
-def find_student_checkpoint(cfg: DictConfig) -> Path | None:
-    """``score.student_ckpt`` or the latest ``uncertainty_student`` run's (None if absent)."""
-    given = cfg.score.get("student_ckpt")
-    experiment = str(cfg.score.get("student_experiment") or "uncertainty_student")
-    if given:
-        return resolve_checkpoint(cfg, given, experiment)
-    try:
-        return resolve_checkpoint(cfg, None, experiment)
+        return find()
     except ConfigError:
         return None
 
@@ -96,65 +75,50 @@ def build_scorers(cfg: DictConfig, maps_dir: Path | None = None) -> list[Scorer]
     """The scorers the config asks for: method A's density, method B's student, then the
     classical measures. ``maps_dir``: where the student writes per-scan NIfTI maps."""
     scorers: list[Scorer] = []
-    want = cfg.score.get("density", "auto")
-    run = find_flow_run(cfg) if want else None
+    sc = cfg.score
+    want = sc.get("density", "auto")
+    run = _found(lambda: find_flow_run(cfg.paths.runs_dir, sc.get("flow_run"))) if want else None
     hint = "run `python -m qcflow experiment=flow_density` or set score.flow_run=PATH"
     if _enabled(want, "score.density", run, hint):
         log.info("density model: %s", run)
+        per_site = bool(sc.get("per_site", False))
         scorers.append(
             DensityScorer(
-                run,
-                review_tau=float(cfg.score.get("review_tau", 0.05)),
-                fail_tau=float(cfg.score.get("fail_tau", 0.03)),
-                per_site=bool(cfg.score.get("per_site", False)),
-                min_site_volumes=int(cfg.score.get("min_site_volumes", 10)),
+                load_density_model(run, sites=per_site),
+                review_tau=float(sc.get("review_tau", 0.05)),
+                fail_tau=float(sc.get("fail_tau", 0.03)),
+                per_site=per_site,
+                min_site_volumes=int(sc.get("min_site_volumes", 10)),
             )
         )
     elif want:
         log.warning("no trained density model found: no qc_decision column")
-    want = cfg.score.get("uncertainty", "auto")
-    ckpt = find_student_checkpoint(cfg) if want else None
+    want = sc.get("uncertainty", "auto")
+    experiment = str(sc.get("student_experiment") or "uncertainty_student")
+    given = sc.get("student_ckpt")
+    ckpt = None
+    if want and given:  # an explicit checkpoint that is not there is an error
+        ckpt = find_student_checkpoint(cfg.paths.runs_dir, given, experiment)
+    elif want:
+        ckpt = _found(lambda: find_student_checkpoint(cfg.paths.runs_dir, None, experiment))
     hint = "run the uncertainty stages (README) or set score.student_ckpt=PATH"
     if _enabled(want, "score.uncertainty", ckpt, hint):
         log.info("uncertainty model: %s", ckpt)
-        roi = cfg.score.get("uncertainty_roi")
+        roi = sc.get("uncertainty_roi")
         scorers.append(
             UncertaintyScorer(
-                ckpt,
+                load_student_model(ckpt),
                 roi_size=list(roi) if roi else None,
-                overlap=float(cfg.score.get("uncertainty_overlap", 0.25)),
-                sw_batch_size=int(cfg.score.get("uncertainty_sw_batch_size", 16)),
-                maps_dir=maps_dir if cfg.score.get("maps", True) else None,
+                overlap=float(sc.get("uncertainty_overlap", 0.25)),
+                sw_batch_size=int(sc.get("uncertainty_sw_batch_size", 16)),
+                maps_dir=maps_dir if sc.get("maps", True) else None,
             )
         )
-    if cfg.score.get("iqm", True):
+    if sc.get("iqm", True):
         scorers.append(IQMScorer())
     if not scorers:
         raise ConfigError("nothing to score: enable at least one scorer (e.g. score.iqm=true)")
     return scorers
-
-
-def previous_table(cfg: DictConfig) -> tuple[pd.DataFrame, Path] | None:
-    """The table to resume from and its run folder: ``score.resume_from`` or the latest
-    ``score`` run's (finished or not; rows of every rank of a multi-process run)."""
-    given = cfg.score.get("resume_from")
-    if given:
-        path = Path(str(given)).expanduser()
-        path = path / "scores.tsv" if path.is_dir() else path
-        if not path.is_file():
-            raise ConfigError(f"{path}: no scores.tsv to resume from (score.resume_from)")
-    else:
-        here = Path(cfg.paths.output_dir).resolve()
-        base = Path(cfg.paths.runs_dir) / str(cfg.experiment_name)
-        tables = [p for p in base.glob("**/scores.tsv") if p.parent.resolve() != here]
-        if not tables:
-            log.info("resume: no earlier scores.tsv under %s; scoring everything", base)
-            return None
-        path = max(tables, key=lambda p: p.stat().st_mtime)
-    log.info("resume: reusing rows of %s", path)
-    parts = [ScoreTable.read(path)]
-    parts += [ScoreTable.read(p) for p in sorted(path.parent.glob(f"{path.stem}.rank*.tsv"))]
-    return pd.concat(parts, ignore_index=True), path.parent
 
 
 def build_score_trainer(cfg: DictConfig, progress: bool) -> pl.Trainer:
@@ -210,22 +174,17 @@ def score_dataset(
         scans = discover_scans(resolve_data_root(cfg.data), cfg.data.get("pattern"))
     if cfg.score.get("max_scans"):
         scans = list(scans)[: int(cfg.score.max_scans)]
-    maps_dir = out_dir / DERIVATIVES
-    scorers = build_scorers(cfg, maps_dir=maps_dir)
-    pcfg = PreprocessConfig.from_data_cfg(cfg.data)
-    for scorer in scorers:  # the density model fixes the default preprocessing (IQMs too)
-        if isinstance(scorer, DensityScorer) and scorer.preprocess is not None:
-            if scorer.preprocess.key() != pcfg.key():
-                log.info("using the density model's preprocessing: %s", scorer.preprocess)
-            pcfg = scorer.preprocess
-    if any(getattr(s, "maps_dir", None) for s in scorers):
-        try:
-            write_description(maps_dir)
-        except OSError as exc:
-            log.warning(
-                "%s: cannot write (%s)", maps_dir / "dataset_description.json", _reason(exc)
-            )
-    previous = previous_table(cfg) if cfg.score.get("resume") else None
+    scorers = build_scorers(cfg, maps_dir=out_dir / DERIVATIVES)
+    for scorer in scorers:
+        scorer.start(out_dir)
+    previous = None
+    if cfg.score.get("resume"):
+        previous = previous_table(
+            cfg.paths.runs_dir,
+            str(cfg.experiment_name),
+            cfg.paths.output_dir,
+            cfg.score.get("resume_from"),
+        )
 
     def on_row(row: dict[str, Any], item: dict[str, Any]) -> None:
         """Thumbnails of flagged scans for report.html (a failed write: one warning line)."""
@@ -245,7 +204,7 @@ def score_dataset(
         scans,
         scorers,
         out_dir / "scores.tsv",
-        pcfg,
+        PreprocessConfig.from_data_cfg(cfg.data),
         cache_dir=cfg.data.get("cache_dir") if cfg.data.get("cache") else None,
         previous=previous[0] if previous else None,
         num_workers=int(cfg.data.get("num_workers") or 0),
@@ -270,10 +229,7 @@ def _thumbs(table: pd.DataFrame, out_dir: Path) -> dict[str, str]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    if cfg.get("threads"):
-        import torch
-
-        torch.set_num_threads(int(cfg.threads))
+    set_threads(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out = out_dir / "scores.tsv"
     progress = cfg.score.get("progress")
@@ -295,18 +251,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print(f"  {row['scan_id']}: {row['error']}")
     if not ok.any():
         raise QCFlowError(f"{out}: no scan could be scored ({len(table)} failed); see the table")
-    thresholds = {k: v for s in scorers for k, v in getattr(s, "thresholds", {}).items()}
-    plot = None
-    for scorer in scorers:
-        if isinstance(scorer, DensityScorer):
-            made = scorer.plot(table, out_dir / "density_contours.png")
-            plot = made.name if made else None
+    thresholds = {k: v for s in scorers for k, v in s.thresholds.items()}
+    figures = {name: path for s in scorers for name, path in s.finish(table, out_dir).items()}
+    plot = None  # the report shows the first figure (a path relative to the run folder)
+    if figures:
+        plot = Path(os.path.relpath(next(iter(figures.values())), out_dir)).as_posix()
     thumbs = _thumbs(table, out_dir) if "qc_decision" in table else {}
     report = write_report(table, out_dir, thresholds, plot, thumbs)
     print(f"report: {report}")
     log_table(trainer, "score/scores", table)  # W&B dashboard (a no-op for other loggers)
-    if plot:
-        log_images(trainer, {"score/density_contours": out_dir / plot})
+    if figures:
+        log_images(trainer, {f"score/{name}": path for name, path in figures.items()})
     decisions: dict[str, int] = {}
     if "qc_decision" in table:
         counts = table.loc[ok, "qc_decision"].value_counts().to_dict()

@@ -9,7 +9,8 @@ every channel's mean variance, SNR and CNR (:mod:`qcflow.qc.iqm`, MRIQC definiti
 image the network saw, and the GM volume with its entropy error bar.
 
 Outputs in the run folder: ``scans.tsv`` (one row per evaluated image), ``maps/`` (NIfTI maps +
-JSON for ``evaluate.save_maps`` images per kind), ``figures/`` and the returned metrics
+JSON for ``evaluate.save_maps`` images per kind, in the scoring derivatives' layout:
+:mod:`qcflow.qc.derivatives`), ``figures/`` and the returned metrics
 (``metrics.json``): Spearman rho and p-value of each measure against Dice, the decoupling matrix
 (rows: true kind, columns: predicted channel, entries: mean sigma^2) and how many kinds have
 their own channel largest.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +30,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qcflow.data.datamodule import VolumeDataModule
 from qcflow.kspace import KINDS
+from qcflow.qc.derivatives import write_description, write_maps
 from qcflow.qc.iqm import compute_iqms, head_mask
-from qcflow.qc.segmentation import predict_volume, spearman, summarize_prediction, write_prediction
-from qcflow.tasks.common import resolve_checkpoint, seed_all
-from qcflow.utils.stages import load_stage
+from qcflow.qc.segmentation import predict_volume, spearman, summarize_prediction
+from qcflow.runs.folders import resolve_checkpoint
+from qcflow.runs.stages import load_stage
+from qcflow.tasks.common import seed_all
 from qcflow.utils.wandb import log_images, log_table
 
 __all__ = ["run", "severity_value", "decoupling_matrix", "evaluation_volumes", "kind_samplers"]
@@ -117,7 +121,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seed_all(cfg)
     ecfg = cfg.evaluate
     out_dir = Path(cfg.paths.output_dir)
-    path = resolve_checkpoint(cfg, ecfg.get("student_ckpt"), str(ecfg.stage_experiment))
+    path = resolve_checkpoint(
+        cfg.paths.runs_dir, ecfg.get("student_ckpt"), str(ecfg.stage_experiment)
+    )
     module = load_stage(path)
     sources, kinds = list(module.sources), list(module.kinds)
     eval_kinds = [str(k) for k in (ecfg.get("kinds") or kinds)]
@@ -135,6 +141,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     examples: dict[str, dict[str, np.ndarray]] = {}
     saved: dict[str, int] = {}
+    saved_any = False
     t0 = time.perf_counter()
     for idx in range(n_scans):
         item = volumes[idx]
@@ -168,8 +175,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             rows.append(row)
             if saved.get(kind, 0) < int(ecfg.save_maps):
                 saved[kind] = saved.get(kind, 0) + 1
-                name = f"{item['scan_id']}_{kind}{v}"
-                write_prediction(out_dir / "maps", name, pred, sources, affine, row)
+                if not saved_any:
+                    write_description(out_dir / "maps")
+                    saved_any = True
+                scan = replace(volumes.scans[idx], scan_id=f"{item['scan_id']}_{kind}{v}")
+                write_maps(out_dir / "maps", scan, pred, sources, affine, row)
                 if kind not in examples:
                     z = image.shape[-1] // 2
                     examples[kind] = {

@@ -10,7 +10,7 @@
 
 Corruption happens per whole volume before patch sampling (``PairedPatchDataModule``).
 ``resume=true|auto|PATH`` continues a stage's run from its checkpoint
-(:func:`qcflow.tasks.common.resume_plan`; the patch queue is rebuilt, see
+(:func:`qcflow.runs.resume.resume_plan`; the patch queue is rebuilt, see
 :mod:`qcflow.lit.resume`).
 """
 
@@ -27,16 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 from qcflow.errors import BadFileError, ConfigError
 from qcflow.lit.callbacks import EpsilonSchedule
 from qcflow.lit.uncertainty import PairedPatchDataModule, UncertaintySeg, sources_for
-from qcflow.tasks.common import (
-    build_trainer,
-    fit,
-    prepare_resume,
-    resume_results,
-    seed_all,
-    trainer_metrics,
-)
+from qcflow.runs.resume import fit, prepare_resume, resume_results
+from qcflow.runs.stages import load_stage, task_checkpoint, teacher_checkpoints
+from qcflow.tasks.common import build_trainer, seed_all, trainer_metrics
 from qcflow.utils.bundles import load_tensors
-from qcflow.utils.stages import load_stage, task_checkpoint, teacher_checkpoints
 
 __all__ = ["run", "build_sampler", "build_module"]
 

@@ -1,4 +1,4 @@
-"""Run folders: find the latest run of an experiment so a later stage can use it.
+"""Run folders: find an earlier run, tell whether it finished, pick its checkpoint.
 
 A run folder is ``<runs_dir>/<experiment_name>/<YYYY-mm-dd_HH-MM-SS>_<id>`` (multirun jobs one
 level deeper, ``multirun_*/<job>``). It is
@@ -6,18 +6,22 @@ level deeper, ``multirun_*/<job>``). It is
 * **finished** when it holds ``metrics.json`` (written by the CLI after the task returned);
 * **unfinished** when it holds a checkpoint (``checkpoints/*.ckpt``, or Lightning's SLURM
   ``hpc_ckpt_*.ckpt``) but no ``metrics.json``: the run was killed, crashed, or is still running.
-  ``python -m qcflow experiment=E resume=<run>`` continues it (see ``qcflow.tasks.common``).
+  ``python -m qcflow experiment=E resume=<run>`` continues it (:mod:`qcflow.runs.resume`).
 
 "The latest run" is the newest finished one, except that a newer unfinished run is never
 skipped silently: the lookup refuses with one line naming it and the command that resumes it
-(an explicit path is always accepted).
+(an explicit path is always accepted). A run's saved settings are read from Hydra's
+``<run>/.hydra/config.yaml`` (:func:`saved_config`, :func:`checkpoint_data_config`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import shlex
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from qcflow.errors import ConfigError
 
@@ -31,8 +35,16 @@ __all__ = [
     "last_activity",
     "resume_command",
     "check_no_newer_unfinished",
+    "run_of_checkpoint",
+    "resolve_checkpoint",
+    "newest_checkpoint",
+    "run_artifact",
+    "saved_config",
+    "checkpoint_data_config",
     "METRICS_FILE",
 ]
+
+log = logging.getLogger(__name__)
 
 #: what makes a run finished
 METRICS_FILE = "metrics.json"
@@ -172,3 +184,95 @@ def find_latest_run(runs_dir: str | Path, experiment_name: str, require: str | N
             f"`python -m qcflow experiment={experiment_name}` first or give a path explicitly"
         )
     return picked
+
+
+def run_of_checkpoint(path: Path) -> Path | None:
+    """The run folder of ``<run>/checkpoints/*.ckpt`` or ``<run>/hpc_ckpt_<n>.ckpt``."""
+    if path.parent.name == "checkpoints":
+        return path.parent.parent
+    if path.name.startswith("hpc_ckpt_"):
+        return path.parent
+    return None
+
+
+def newest_checkpoint(run: Path) -> Path:
+    """``<run>/checkpoints/last.ckpt``, else the last ``checkpoints/*.ckpt`` by name."""
+    last = run / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
+    return sorted((run / "checkpoints").glob("*.ckpt"))[-1]
+
+
+def resolve_checkpoint(runs_dir: str | Path, explicit: str | Path | None, experiment: str) -> Path:
+    """An explicit checkpoint path (or run folder), else ``last.ckpt`` of the latest finished
+    run of ``experiment``.
+
+    An explicit path to an unfinished run's checkpoint is used as given (with a warning); the
+    latest-run lookup refuses a newer unfinished run (:func:`find_latest_run`).
+
+    Raises:
+        ConfigError: the explicit file does not exist, no finished run has a checkpoint, or the
+            newest run of ``experiment`` did not finish.
+    """
+    if explicit:
+        path = Path(str(explicit)).expanduser()
+        if path.is_dir():  # a run folder was given
+            path = path / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise ConfigError(f"{path}: checkpoint not found")
+        run = run_of_checkpoint(path)
+        if run is not None and not is_finished(run):
+            log.warning(
+                "%s: run %s did not finish (no metrics.json); using its checkpoint as given",
+                path,
+                run,
+            )
+        return path
+    run = find_latest_run(runs_dir, experiment, require="checkpoints/*.ckpt")
+    return newest_checkpoint(run)
+
+
+def run_artifact(run: Path) -> str | None:
+    """The ``artifact`` a run was configured with: from its ``metrics.json`` when finished,
+    else from its saved config (``.hydra/config.yaml``); ``None`` when unknown."""
+    try:
+        if (run / METRICS_FILE).is_file():
+            value = json.loads((run / METRICS_FILE).read_text()).get("artifact")
+        else:
+            value = saved_config(run).get("artifact")  # type: ignore[union-attr]
+    except Exception:  # missing or damaged file: the run cannot be attributed to a kind
+        return None
+    return None if value is None else str(value)
+
+
+def saved_config(run: str | Path) -> Any:
+    """The run's saved configuration (Hydra's ``<run>/.hydra/config.yaml``, unresolved), or
+    ``None`` when the run has none. A damaged file raises OmegaConf's error."""
+    from omegaconf import OmegaConf
+
+    path = Path(run) / ".hydra" / "config.yaml"
+    return OmegaConf.load(path) if path.is_file() else None
+
+
+#: the ``data`` keys that fix preprocessing (and a method-B network's patch size)
+PREPROCESS_KEYS = ("spacing", "fov_mm", "shape", "percentiles", "patch_size")
+
+
+def checkpoint_data_config(ckpt: str | Path) -> dict[str, Any] | None:
+    """The preprocessing part of the ``data`` config of the run that wrote ``ckpt``
+    (``<run>/checkpoints/x.ckpt``, links resolved): :data:`PREPROCESS_KEYS` from
+    ``<run>/.hydra/config.yaml``; ``None`` when the run folder has none or it is unreadable
+    (one warning)."""
+    from omegaconf import OmegaConf
+
+    run = Path(ckpt).resolve().parent.parent
+    cfg_file = run / ".hydra" / "config.yaml"
+    if not cfg_file.is_file():
+        return None
+    try:
+        data = saved_config(run).get("data")
+        # interpolations to other sections (paths, seed) are not needed for preprocessing
+        return {k: OmegaConf.to_container(data, resolve=False).get(k) for k in PREPROCESS_KEYS}
+    except Exception as exc:
+        log.warning("%s: unreadable run config (%s)", cfg_file, exc)
+        return None
