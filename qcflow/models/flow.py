@@ -16,10 +16,14 @@ mixture ``p_M(m) = (1/K) Σ_k p_k(m)`` -- still a normalised density, and with ~
 codes the decision no longer hinges on one fit's initialisation and split (measured in the
 README of experiments/zuo2023_iqc).
 
+The fit (maximum likelihood with Adam, best held-out epoch kept) is a Lightning module:
+:func:`qcflow.lit.flow.fit_density`.
+
 Example:
+    >>> from qcflow.lit.flow import fit_density
     >>> m = torch.randn(200, 2)
     >>> density = DensityFlow(features=2, transforms=2, hidden_features=(16,))
-    >>> _ = fit_flow(density, m, epochs=2)
+    >>> _ = fit_density(density, m, epochs=2)
     >>> density.set_thresholds(m, taus=(0.05,))
     >>> density.flag(m, 0.05).float().mean() <= 0.06
     tensor(True)
@@ -29,13 +33,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import zuko
 from torch import Tensor, nn
 
-__all__ = ["DensityFlow", "fit_flow", "tau_key"]
+__all__ = ["DensityFlow", "tau_key"]
 
 
 def tau_key(tau: float) -> str:
@@ -159,108 +162,3 @@ class DensityFlow(nn.Module):
 
     def extra_repr(self) -> str:
         return f"features={self.features}, mixture={len(self.flows)}, taus={self.taus.tolist()}"
-
-
-def fit_flow(
-    density: DensityFlow,
-    m: Tensor,
-    epochs: int = 300,
-    lr: float = 1e-3,
-    batch_size: int = 256,
-    weight_decay: float = 0.0,
-    val_fraction: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> dict[str, Any]:
-    """Standardise ``m`` and fit the flow by maximum likelihood (Adam on -log p).
-
-    With ``val_fraction > 0`` a random part of the codes is held out and the parameters of the
-    epoch with the lowest held-out NLL are kept (early stopping: a 2-D flow on ~100 codes
-    overfits into a jagged density otherwise). A mixture's flows are fitted one after the
-    other, each on its own hold-out split drawn from ``generator``.
-
-    Args:
-        density: the model (its standardisation is set from all of ``m``).
-        m: ``(N, d)`` training codes.
-        epochs: passes over the fitting codes.
-        lr, weight_decay: Adam settings.
-        batch_size: codes per step.
-        val_fraction: held-out fraction for early stopping (0: none, last epoch kept).
-        generator: shuffling / hold-out RNG.
-
-    Returns:
-        ``{"nll": final mean -log p_M over all of m, "val_nll", "best_epoch", "steps",
-        "history": [per-epoch fitting nll], "val_history": [...]}`` -- with a mixture
-        ``val_nll`` is the flows' mean, ``best_epoch``/``history``/``val_history`` are the
-        first flow's, and ``"flows"`` lists each flow's ``val_nll`` and ``best_epoch``.
-    """
-    m = m.detach().float()
-    density.set_standardization(m)
-    x = density.standardize(m)
-    fits = [
-        _fit_one(flow, x, epochs, lr, batch_size, weight_decay, val_fraction, generator)
-        for flow in density.flows
-    ]
-    density.eval()
-    with torch.no_grad():
-        nll = float(-density.log_prob(m).mean())
-    first = fits[0]
-    return {
-        "nll": nll,
-        "val_nll": sum(f["val_nll"] for f in fits) / len(fits),
-        "best_epoch": first["best_epoch"],
-        "steps": sum(f["steps"] for f in fits),
-        "history": first["history"],
-        "val_history": first["val_history"],
-        "flows": [{"val_nll": f["val_nll"], "best_epoch": f["best_epoch"]} for f in fits],
-    }
-
-
-def _fit_one(
-    flow: zuko.flows.RealNVP,
-    x: Tensor,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    weight_decay: float,
-    val_fraction: float,
-    generator: torch.Generator | None,
-) -> dict[str, Any]:
-    """Fit one flow on standardised codes ``x`` (see :func:`fit_flow`)."""
-    n_val = int(round(val_fraction * len(x))) if len(x) >= 10 else 0
-    order = torch.randperm(len(x), generator=generator)
-    x_val, x_fit = x[order[:n_val]], x[order[n_val:]]
-    opt = torch.optim.Adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
-    history: list[float] = []
-    val_history: list[float] = []
-    best = (float("inf"), -1, None)
-    steps = 0
-    for epoch in range(int(epochs)):
-        flow.train()
-        perm = torch.randperm(len(x_fit), generator=generator)
-        total = 0.0
-        for i in range(0, len(x_fit), batch_size):
-            xb = x_fit[perm[i : i + batch_size]]
-            loss = -flow().log_prob(xb).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(xb)
-            steps += 1
-        history.append(total / len(x_fit))
-        if n_val:
-            with torch.no_grad():
-                v = float(-flow().log_prob(x_val).mean())
-            val_history.append(v)
-            if v < best[0]:
-                state = {k: t.detach().clone() for k, t in flow.state_dict().items()}
-                best = (v, epoch, state)
-    if best[2] is not None:
-        flow.load_state_dict(best[2])
-    flow.eval()
-    return {
-        "val_nll": best[0] if n_val else float("nan"),
-        "best_epoch": best[1] if n_val else int(epochs) - 1,
-        "steps": steps,
-        "history": history,
-        "val_history": val_history,
-    }
