@@ -17,14 +17,16 @@ written last, so an interrupted build is never trusted; a later call rebuilds.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,6 +256,23 @@ def _build_split(
 _MARKER = "dataset_complete.json"
 
 
+@contextlib.contextmanager
+def _isolated_rng() -> Iterator[None]:
+    """Global torch / NumPy / Python random states as they were before the block.
+
+    The build draws through TorchIO (global torch RNG) and seeds what it needs itself; without
+    this, a run that builds the dataset on first use would start its model initialisation and
+    data order from another random state than a run that finds the dataset built.
+    """
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+
 def ensure_embedded(
     cfg: Mapping[str, Any] | Any, return_info: bool = False
 ) -> Path | tuple[Path, dict[str, Any]]:
@@ -283,7 +302,7 @@ def ensure_embedded(
             os.replace(root, stale)
             shutil.rmtree(stale, ignore_errors=True)
         log.info("building embedded dataset %s (first use)", root)
-        with atomic_dir(root) as tmp:
+        with atomic_dir(root) as tmp, _isolated_rng():
             counts = build_embedded(ecfg, tmp)
             seconds = time.perf_counter() - t0
             atomic_write_json(
