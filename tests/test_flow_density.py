@@ -232,3 +232,18 @@ def test_flow_settings_read_the_model_config() -> None:
     bad = compose_config(["experiment=flow_density", "model.mixture=0"]).model
     with pytest.raises(ConfigError, match="model.mixture"):
         flow_settings(bad, 2)
+
+
+def test_codes_table_round_trips_bit_for_bit(tmp_path) -> None:
+    """codes_train.tsv holds full precision: thresholds from it are the bundle's own."""
+    from qcflow.qc.detection import tau_thresholds
+    from qcflow.runs.flow import read_codes, write_codes
+
+    rng = np.random.default_rng(0)
+    codes = rng.normal(size=(50, 3)).astype(np.float32) * 1e3
+    logp = rng.normal(size=50) * np.array([1e-300, 1e-7, 1.0, 1e5, 1e300] * 10)
+    write_codes(tmp_path / "c.tsv", [f"{i:03d}" for i in range(50)], codes, logp)
+    ids, m, lp = read_codes(tmp_path / "c.tsv")
+    assert ids[:2] == ["000", "001"]  # ids stay strings
+    assert (m == codes.astype(np.float64)).all() and (lp == logp).all()
+    assert tau_thresholds(lp, [0.05]) == tau_thresholds(logp, [0.05])

@@ -35,7 +35,7 @@ from qcflow.models.flow import DensityFlow
 from qcflow.qc.scorers import DensityModel
 from qcflow.runs.folders import find_latest_run
 from qcflow.utils.bundles import load_checkpoint, load_tensors
-from qcflow.utils.io import atomic_path, open_regular
+from qcflow.utils.io import atomic_path, atomic_write_text, open_regular
 
 __all__ = [
     "FLOW_FILE",
@@ -95,19 +95,21 @@ def bundle_checkpoints(bundle: dict[str, Any]) -> list[Path]:
 
 
 def write_codes(path: Path, ids: Sequence[str], codes: np.ndarray, logp: np.ndarray) -> None:
-    """TSV: scan_id, m1..md, log_prob."""
+    """TSV: scan_id, m1..md, log_prob, at full precision (``repr``: every value reads back
+    bit for bit, so the τ thresholds a scorer sets from this table are the bundle's own)."""
     d = codes.shape[1]
     lines = ["\t".join(["scan_id", *[f"m{j + 1}" for j in range(d)], "log_prob"])]
     for sid, c, lp in zip(ids, codes, logp, strict=True):
-        lines.append("\t".join([sid, *[f"{v:.6g}" for v in c], f"{lp:.6g}"]))
-    path.write_text("\n".join(lines) + "\n")
+        lines.append("\t".join([sid, *[repr(float(v)) for v in c], repr(float(lp))]))
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def read_codes(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """A :func:`write_codes` table: ``(scan ids, (N, d) codes, (N,) log-probs)``."""
     import pandas as pd
 
-    table = pd.read_csv(path, sep="\t", dtype={"scan_id": str})
+    with open_regular(path) as f:  # never a FIFO; exact floats
+        table = pd.read_csv(f, sep="\t", dtype={"scan_id": str}, float_precision="round_trip")
     m_cols = [c for c in table.columns if c.startswith("m") and c[1:].isdigit()]
     return (
         list(table["scan_id"]),
