@@ -108,3 +108,25 @@ def load():
     ]
     assert violations(source, "qcflow.data.synth", FORBIDDEN["data"])  # tasks, runs, lit
     assert not violations("import torch\nfrom qcflow.qc import iqm\n", "qcflow.qc.x", UPPER)
+
+
+def test_importing_the_bottom_layers_loads_no_lightning() -> None:
+    """At run time too: importing every module of qc, models, kspace (its Lightning adapter
+    aside) and the top-level package loads neither Lightning nor the tasks."""
+    import subprocess
+    import sys
+
+    script = """
+import importlib, pkgutil, sys
+import qcflow
+for pkg in ("qcflow.qc", "qcflow.models", "qcflow.kspace"):
+    mod = importlib.import_module(pkg)
+    for m in pkgutil.iter_modules(mod.__path__):
+        if f"{pkg}.{m.name}" != "qcflow.kspace.lightning":
+            importlib.import_module(f"{pkg}.{m.name}")
+bad = [k for k in sys.modules if k.split(".")[0] in ("pytorch_lightning", "lightning")
+       or k.startswith(("qcflow.tasks", "qcflow.lit", "qcflow.runs", "qcflow.cli", "qcflow.api"))]
+print(",".join(sorted(bad)))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", out.stdout
