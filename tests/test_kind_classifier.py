@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qcflow.errors import ConfigError
+from qcflow.kspace import SHAW2021_KINDS
 from tests.conftest import SMALL_EMBEDDED
 from tests.helpers import compose_cfg, run_cli
 
@@ -30,10 +31,9 @@ def test_kind_classifier_trains_saves_and_a_student_starts_from_the_latest(
     small_embedded: Path, tmp_path: Path
 ) -> None:
     from qcflow.cli import run_task
-    from qcflow.lit.uncertainty import UncertaintySeg
     from qcflow.models.unet import PatchContext
     from qcflow.tasks.kind_classifier import classifier_path
-    from qcflow.tasks.uncertainty_train import _init_context
+    from qcflow.tasks.uncertainty_train import _init_context, instantiate_module
 
     runs = Path(os.environ["QCFLOW_HOME"]) / "runs"
     out = runs / "kind_classifier" / "2026-01-01_00-00-00_test"
@@ -41,7 +41,7 @@ def test_kind_classifier_trains_saves_and_a_student_starts_from_the_latest(
     results = run_task(cfg)
     assert (out / "metrics.json").is_file()
     saved = torch.load(out / "classifier.pt", weights_only=True)
-    kinds = ["spike", "noise", "blur", "wrap", "motion"]
+    kinds = list(SHAW2021_KINDS)
     assert saved["classes"] == ["none", *kinds] and results["classes"] == saved["classes"]
     assert 0.0 <= results["heldout_patch_accuracy"] <= 1.0 and results["steps"] == 4
     # whole-volume decisions: one per (volume, row); shares are softmax averages (sum to 1)
@@ -58,8 +58,8 @@ def test_kind_classifier_trains_saves_and_a_student_starts_from_the_latest(
     assert classifier_path(student, str(out)) == out / "classifier.pt"
     clf = PatchContext(1, 6, widths=saved["widths"])
     clf.load_state_dict(saved["state_dict"])
-    net = {"filters": [4, 8, 16], "context": True, "attribution": True}
-    module = UncertaintySeg("student", kinds, net=net)
+    module = instantiate_module(student)  # the YAML's student: context + attribution
+    assert module.kinds == kinds and module.net.attribution
     _init_context(module, classifier_path(student, str(student.uncertainty.context_init)))
     x = torch.rand(2, 1, 16, 16, 16)
     with torch.no_grad():

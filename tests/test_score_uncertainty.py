@@ -14,8 +14,9 @@ import pytorch_lightning as pl
 import torch
 import yaml
 
-from qcflow.lit.uncertainty import UncertaintySeg
+from qcflow.api import compose_config
 from qcflow.qc.scoring import ScoreTable
+from qcflow.tasks.uncertainty_train import instantiate_module
 from qcflow.testing import BAD_SCAN_KINDS, write_bad_scans, write_good_scan
 from tests.helpers import check_report, run_cli
 
@@ -36,7 +37,9 @@ def student_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An (untrained) student checkpoint in a run folder with its Hydra config."""
     run = tmp_path_factory.mktemp("runs") / "uncertainty_student" / "run0"
     torch.manual_seed(0)
-    m = UncertaintySeg("student", KINDS, net={"filters": [4, 8, 16]})
+    over = ["model.filters=[4,8,16]", "model.context=false", "model.attribution=false"]
+    kinds = f"uncertainty.kinds=[{','.join(KINDS)}]"
+    m = instantiate_module(compose_config(["experiment=uncertainty_student", kinds, *over]))
     ckpt = {
         "state_dict": m.state_dict(),
         "hyper_parameters": dict(m.hparams),

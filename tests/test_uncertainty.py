@@ -1,18 +1,65 @@
-"""Method B module: output shapes per role, frozen stages, the epsilon schedule."""
+"""Method B modules: output shapes per role, frozen stages, the epsilon schedule, the losses'
+switches, modules built from the YAML only, and checkpoints of the previous layout."""
 
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from hydra.utils import get_class
+from omegaconf import OmegaConf
 
-from qcflow.lit.callbacks import EpsilonSchedule
-from qcflow.lit.uncertainty import PairedPatchDataModule, UncertaintySeg, sources_for
+from qcflow.api import compose_config
+from qcflow.data.paired import PairedPatchDataModule
+from qcflow.kspace import SHAW2021_KINDS
+from qcflow.lit.uncertainty import (
+    EpsilonSchedule,
+    StudentSeg,
+    TaskSeg,
+    TeacherSeg,
+    UncertaintySeg,
+)
 from qcflow.models.unet import TwoHeadUNet
 
 TINY = {"filters": [4, 8, 16], "deep_supervision": False}
-KINDS = ["spike", "noise", "blur", "wrap", "motion"]
+KINDS = list(SHAW2021_KINDS)
+OLD = Path(__file__).parent / "data" / "uncertainty_v0"
+#: the paper's loss (the modules' switches off), which most tests below start from
+PAPER = {
+    "hce_task_var": "own",
+    "task_var_lr_mult": 1.0,
+    "artifact_lr_mult": 1.0,
+    "absent_kind_var": "free",
+    "kind_aux_weight": 0.0,
+    "context_lr_mult": 1.0,
+}
+
+
+@functools.cache
+def _yaml(role: str) -> dict[str, Any]:
+    """``uncertainty.module`` of the role's experiment as composed: the only defaults."""
+    cfg = compose_config([f"experiment=uncertainty_{role}", "artifact=noise"])
+    return OmegaConf.to_container(cfg.uncertainty.module, resolve=True)  # type: ignore[return-value]
+
+
+def stage(
+    role: str, kinds: list[str] | None = None, net: dict[str, Any] | None = None, **kw: Any
+) -> UncertaintySeg:
+    """A stage with the YAML's arguments, a tiny plain network (``net`` on top), the paper's
+    loss for a teacher/student (``PAPER``) and ``kw`` changed."""
+    node = dict(_yaml(role))
+    node["net"] = {**node["net"], **TINY, "context": False, "attribution": False, **(net or {})}
+    if role == "teacher":
+        node.update(PAPER, kind=(kinds or ["noise"])[0])
+    elif role == "student":
+        node.update(PAPER, kinds=kinds or KINDS, student_targets="corrupted")
+    cls = get_class(node.pop("_target_"))
+    node = {k: v for k, v in node.items() if not k.startswith("_")}  # Hydra's own keys
+    return cls(**{**node, **kw})
 
 
 def _batch(b: int = 2, p: int = 8) -> dict[str, torch.Tensor]:
@@ -37,12 +84,15 @@ def _teacher_net() -> TwoHeadUNet:
     ("role", "kinds", "k"), [("task", [], 1), ("teacher", ["noise"], 2), ("student", KINDS, 6)]
 )
 def test_output_shapes_per_role(role: str, kinds: list[str], k: int) -> None:
-    teachers = {kind: _teacher_net() for kind in kinds} if role == "student" else None
-    m = UncertaintySeg(role, kinds, net=TINY, task_net=_task_net(), teacher_nets=teachers)
+    frozen = {} if role == "task" else {"task_net": _task_net()}
+    if role == "student":
+        frozen["teacher_nets"] = {kind: _teacher_net() for kind in kinds}
+    m = stage(role, kinds, **frozen)
+    assert type(m) is {"task": TaskSeg, "teacher": TeacherSeg, "student": StudentSeg}[role]
     logits, log_var = m(torch.rand(2, 1, 8, 8, 8))
     assert logits.shape == (2, 2, 8, 8, 8)
     assert log_var.shape == (2, k, 8, 8, 8)
-    assert m.sources == sources_for(role, kinds)
+    assert m.sources == ["task", *kinds] and m.kinds == kinds and m.role == role
     losses = m.compute_loss(_batch())
     assert torch.isfinite(losses["loss"])
     assert ("consistency" in losses) == (role != "task")
@@ -57,21 +107,28 @@ def test_deep_supervision_outputs_train_and_eval() -> None:
     assert len(net.forward_all(torch.rand(1, 1, 8, 8, 8))) == 1
 
 
-def test_bad_roles_and_missing_frozen_stages() -> None:
-    with pytest.raises(ValueError, match="role"):
-        UncertaintySeg("boss", [], net=TINY)
+def test_each_role_takes_only_its_own_arguments_and_missing_frozen_stages() -> None:
+    with pytest.raises(TypeError, match="no stage"):
+        UncertaintySeg(net={}, lr=1e-3, eps=0.05, ds_weights=None, kinds=(), frozen={})
     with pytest.raises(ValueError, match="exactly one"):
-        UncertaintySeg("teacher", ["noise", "blur"], net=TINY)
-    m = UncertaintySeg("student", ["noise"], net=TINY, task_net=_task_net())
+        stage("teacher", kind=["noise", "blur"])
+    with pytest.raises(TypeError, match="hce_task_var"):  # a task has no artifact channels
+        stage("task", hce_task_var="own")
+    with pytest.raises(TypeError, match="student_targets"):
+        stage("teacher", student_targets="corrupted")
+    with pytest.raises(TypeError, match="kind"):
+        stage("task", kind="noise")
+    m = stage("student", ["noise"], task_net=_task_net())
     assert m.missing_frozen() == ["noise"]
     with pytest.raises(ValueError, match="frozen"):
         m.on_fit_start()
+    assert stage("teacher").missing_frozen() == ["task"] and stage("task").missing_frozen() == []
 
 
 def test_frozen_stages_stay_frozen_after_a_step() -> None:
     kinds = ["noise", "blur"]
     task, teachers = _task_net(), {k: _teacher_net() for k in kinds}
-    m = UncertaintySeg("student", kinds, net=TINY, task_net=task, teacher_nets=teachers, lr=1e-2)
+    m = stage("student", kinds, task_net=task, teacher_nets=teachers, lr=1e-2)
     m.train()
     assert all(not mod.training for mod in m.frozen.values())
     before = {k: v.clone() for k, v in m.frozen.state_dict().items()}
@@ -105,7 +162,8 @@ class _Mod:
 
 
 def test_epsilon_schedule_halves_eps_and_lr_together_and_stops_at_floor() -> None:
-    cb = EpsilonSchedule(patience=2, min_delta=0.0, factor=0.5, floor=1e-3)
+    kw = {"monitor": "train/loss_epoch", "halve_lr": True, "stop_at_floor": False}
+    cb = EpsilonSchedule(patience=2, min_delta=0.0, factor=0.5, floor=1e-3, **kw)
     mod, opt = _Mod(), _Opt(1e-4)
     assert not cb.update(1.0, mod, [opt])  # first value: an improvement
     assert not cb.update(0.5, mod, [opt])  # improvement
@@ -126,11 +184,11 @@ def test_epsilon_schedule_halves_eps_and_lr_together_and_stops_at_floor() -> Non
 def test_init_from_task_copies_segmentation_and_task_variance(role: str, kinds: list[str]) -> None:
     torch.manual_seed(0)
     task = _task_net().eval()
-    teachers = {k: _teacher_net() for k in kinds} if role == "student" else None
+    teachers = {"teacher_nets": {k: _teacher_net() for k in kinds}} if role == "student" else {}
     x = torch.rand(2, 1, 8, 8, 8)
     with torch.no_grad():
         t_logits, t_log_var = task(x)
-    m = UncertaintySeg(role, kinds, net=TINY, task_net=task, teacher_nets=teachers).eval()
+    m = stage(role, kinds, task_net=task, **teachers, init_log_var=-2.0).eval()
     with torch.no_grad():
         logits, log_var = m(x)
     # the student/teacher segments exactly like the task network right after construction
@@ -139,13 +197,11 @@ def test_init_from_task_copies_segmentation_and_task_variance(role: str, kinds: 
     # artifact channels start at a small constant variance exp(init_log_var)
     torch.testing.assert_close(log_var[:, 1:], torch.full_like(log_var[:, 1:], -2.0))
     # ... which is what the option changes: from scratch the logits differ
-    scratch = UncertaintySeg(
-        role, kinds, net=TINY, task_net=task, teacher_nets=teachers, init_from_task=False
-    ).eval()
+    scratch = stage(role, kinds, task_net=task, **teachers, init_from_task=False).eval()
     with torch.no_grad():
         assert not torch.allclose(scratch(x)[0], t_logits)
     # a checkpoint (no frozen stages at load time) keeps its own weights
-    reloaded = UncertaintySeg(role, kinds, net=TINY)
+    reloaded = stage(role, kinds)
     reloaded.load_state_dict(m.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(x)[0], logits)
@@ -154,7 +210,7 @@ def test_init_from_task_copies_segmentation_and_task_variance(role: str, kinds: 
 def test_init_from_task_rejects_other_architectures() -> None:
     other = TwoHeadUNet(num_sources=1, filters=[4, 8, 32])
     with pytest.raises(ValueError, match="architectures differ"):
-        UncertaintySeg("teacher", ["noise"], net=TINY, task_net=other)
+        stage("teacher", task_net=other)
 
 
 def _step(m: UncertaintySeg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,11 +227,11 @@ def _step(m: UncertaintySeg) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_frozen_task_variance_row_and_artifact_row_lr() -> None:
     torch.manual_seed(0)
-    kw = {"net": TINY, "task_net": _task_net(), "lr": 1e-2}
-    base_before, base_after = _step(UncertaintySeg("teacher", ["noise"], **kw))
+    kw = {"task_net": _task_net(), "lr": 1e-2}
+    base_before, base_after = _step(stage("teacher", **kw))
     torch.manual_seed(0)
     kw["task_net"] = _task_net()
-    m = UncertaintySeg("teacher", ["noise"], task_var_lr_mult=0.0, artifact_lr_mult=10.0, **kw)
+    m = stage("teacher", task_var_lr_mult=0.0, artifact_lr_mult=10.0, **kw)
     assert set(m.row_lr_multipliers()) == set(m.net.heads()[0].parameters())
     before, after = _step(m)
     torch.testing.assert_close(before, base_before)
@@ -187,17 +243,17 @@ def test_frozen_task_variance_row_and_artifact_row_lr() -> None:
     torch.testing.assert_close(step[3], 10 * base_step[3])
     # the frozen row is still the one copied from the task network
     assert torch.equal(m.net.heads()[0].bias[2], m.frozen["task"].heads()[0].bias[2])
-    # the task role ignores the multipliers (it has no artifact rows to protect)
-    assert UncertaintySeg("task", [], net=TINY, task_var_lr_mult=0.0).row_lr_multipliers() == {}
+    # the task role has no multipliers (no artifact rows to protect)
+    assert stage("task").row_lr_multipliers() == {}
     with pytest.raises(ValueError, match="multipliers"):
-        UncertaintySeg("teacher", ["noise"], net=TINY, artifact_lr_mult=-1.0)
+        stage("teacher", artifact_lr_mult=-1.0)
 
 
 def test_hce_task_var_reference_uses_the_frozen_task_variance() -> None:
     torch.manual_seed(0)
     task = _task_net()
-    own = UncertaintySeg("teacher", ["noise"], net=TINY, task_net=task)
-    ref = UncertaintySeg("teacher", ["noise"], net=TINY, task_net=task, hce_task_var="reference")
+    own = stage("teacher", task_net=task)
+    ref = stage("teacher", task_net=task, hce_task_var="reference")
     ref.net.load_state_dict(own.net.state_dict())
     with torch.no_grad():  # make the own task variance differ from the task network's
         for m in (own, ref):
@@ -212,7 +268,7 @@ def test_hce_task_var_reference_uses_the_frozen_task_variance() -> None:
     grad = ref.net.heads()[0].weight.grad
     assert torch.all(grad[2] == 0) and grad[3].abs().sum() > 0
     with pytest.raises(ValueError, match="hce_task_var"):
-        UncertaintySeg("teacher", ["noise"], net=TINY, hce_task_var="mine")
+        stage("teacher", hce_task_var="mine")
 
 
 class _EchoTeacher(torch.nn.Module):
@@ -227,8 +283,8 @@ def test_student_own_kind_targets_show_teacher_i_the_clean_patch_without_kind_i(
     batch = _batch(b=3)
     kinds_per_sample = [["noise"], [], ["blur", "noise"]]
     teachers = {k: _EchoTeacher() for k in KINDS}
-    args = dict(net=TINY, task_net=_task_net(), teacher_nets=teachers)
-    own = UncertaintySeg("student", KINDS, student_targets="own_kind", **args)
+    args = dict(task_net=_task_net(), teacher_nets=teachers)
+    own = stage("student", KINDS, student_targets="own_kind", **args)
     present = own.kinds_present({**batch, "artifact_kinds": kinds_per_sample})
     assert present.tolist() == [[k in ks for k in KINDS] for ks in kinds_per_sample]
     ref = own.reference_variances(batch["image"], batch["image_clean"], present)
@@ -238,7 +294,7 @@ def test_student_own_kind_targets_show_teacher_i_the_clean_patch_without_kind_i(
             seen = batch["image"][b] if kind in applied else batch["image_clean"][b]
             torch.testing.assert_close(ref[b, c], seen[0])
     # 'corrupted' (the paper's wording): every teacher sees the corrupted input
-    cor = UncertaintySeg("student", KINDS, **args)
+    cor = stage("student", KINDS, **args)
     ref_c = cor.reference_variances(batch["image"], batch["image_clean"], present)
     for c in range(1, 6):
         torch.testing.assert_close(ref_c[:, c], batch["image"][:, 0])
@@ -246,7 +302,7 @@ def test_student_own_kind_targets_show_teacher_i_the_clean_patch_without_kind_i(
         own.compute_loss(batch)
     own.compute_loss({**batch, "artifact_kinds": kinds_per_sample})["loss"].backward()
     with pytest.raises(ValueError, match="student_targets"):
-        UncertaintySeg("student", KINDS, net=TINY, student_targets="mixed")
+        stage("student", KINDS, student_targets="mixed")
 
 
 def test_paired_patches_carry_the_applied_kinds(data_cfg) -> None:
@@ -274,10 +330,8 @@ def test_paired_patches_carry_the_applied_kinds(data_cfg) -> None:
 def test_absent_kind_var_zero_leaves_absent_kinds_out_of_the_sum_and_pulls_to_zero() -> None:
     torch.manual_seed(0)
     task = _task_net()
-    free = UncertaintySeg("teacher", ["noise"], net=TINY, task_net=task, init_log_var=-1.0)
-    zero = UncertaintySeg(
-        "teacher", ["noise"], net=TINY, task_net=task, init_log_var=-1.0, absent_kind_var="zero"
-    )
+    free = stage("teacher", task_net=task, init_log_var=-1.0)
+    zero = stage("teacher", task_net=task, init_log_var=-1.0, absent_kind_var="zero")
     zero.net.load_state_dict(free.net.state_dict())
     batch = _batch()
     # every sample carries the teacher's kind: identical to the paper's loss
@@ -300,9 +354,7 @@ def test_absent_kind_var_zero_leaves_absent_kinds_out_of_the_sum_and_pulls_to_ze
         assert zero.net.heads()[0].bias.grad[3] > 0  # gradient descent lowers sigma_noise^2
     # a student: per sample and channel
     teachers = {k: _teacher_net() for k in KINDS}
-    student = UncertaintySeg(
-        "student", KINDS, net=TINY, task_net=task, teacher_nets=teachers, absent_kind_var="zero"
-    )
+    student = stage("student", KINDS, task_net=task, teacher_nets=teachers, absent_kind_var="zero")
     kinds = [["noise"], []]
     out = student.compute_loss({**batch, "artifact_kinds": kinds})
     _, log_var = student(batch["image"])
@@ -322,20 +374,15 @@ def test_absent_kind_var_zero_leaves_absent_kinds_out_of_the_sum_and_pulls_to_ze
     with pytest.raises(ValueError, match="artifact_kinds"):
         zero.compute_loss(batch)
     with pytest.raises(ValueError, match="absent_kind_var"):
-        UncertaintySeg("teacher", ["noise"], net=TINY, absent_kind_var="none")
+        stage("teacher", absent_kind_var="none")
 
 
 def test_patch_context_offsets_only_the_artifact_channels_and_starts_at_zero() -> None:
     torch.manual_seed(0)
     task = _task_net().eval()
     assert TwoHeadUNet(num_sources=1, context=True, **TINY).context is None  # task: no offsets
-    m = UncertaintySeg(
-        "student",
-        KINDS,
-        net={**TINY, "context": True},
-        task_net=task,
-        teacher_nets={k: _teacher_net() for k in KINDS},
-    ).eval()
+    teachers = {k: _teacher_net() for k in KINDS}
+    m = stage("student", KINDS, {"context": True}, task_net=task, teacher_nets=teachers).eval()
     x = torch.rand(2, 1, 8, 8, 8)
     with torch.no_grad():
         plain = m(x)[1]
@@ -363,11 +410,9 @@ def test_kind_aux_loss_is_the_bce_of_the_context_logits_against_the_applied_kind
     torch.manual_seed(0)
     task = _task_net()
     teachers = {k: _teacher_net() for k in KINDS}
-    net = {**TINY, "context": True}
-    plain = UncertaintySeg("student", KINDS, net=net, task_net=task, teacher_nets=teachers)
-    aux = UncertaintySeg(
-        "student", KINDS, net=net, task_net=task, teacher_nets=teachers, kind_aux_weight=0.5
-    )
+    net = {"context": True}
+    plain = stage("student", KINDS, net, task_net=task, teacher_nets=teachers)
+    aux = stage("student", KINDS, net, task_net=task, teacher_nets=teachers, kind_aux_weight=0.5)
     aux.net.load_state_dict(plain.net.state_dict())
     with torch.no_grad():  # a non-trivial classifier
         aux.net.context.out.weight.normal_()
@@ -385,7 +430,7 @@ def test_kind_aux_loss_is_the_bce_of_the_context_logits_against_the_applied_kind
     out["kind_aux"].backward()
     assert aux.net.context.features[0].weight.grad.abs().sum() > 0
     # a teacher's single logit is "its kind applied"
-    teacher = UncertaintySeg("teacher", ["noise"], net=net, task_net=task, kind_aux_weight=1.0)
+    teacher = stage("teacher", ["noise"], net, task_net=task, kind_aux_weight=1.0)
     t_logit = teacher.net.context.logits(batch["image"])
     t_out = teacher.compute_loss(batch)
     expected = torch.nn.functional.binary_cross_entropy_with_logits(
@@ -395,7 +440,7 @@ def test_kind_aux_loss_is_the_bce_of_the_context_logits_against_the_applied_kind
     with pytest.raises(ValueError, match="artifact_kinds"):
         aux.compute_loss(_batch())
     with pytest.raises(ValueError, match="context"):
-        UncertaintySeg("teacher", ["noise"], net=TINY, task_net=task, kind_aux_weight=1.0)
+        stage("teacher", task_net=task, kind_aux_weight=1.0)
 
 
 def test_context_from_a_kind_classifier_gives_log_odds_against_clean() -> None:
@@ -420,8 +465,8 @@ def test_attribution_splits_one_total_artifact_variance_by_the_kind_softmax() ->
     torch.manual_seed(0)
     task = _task_net().eval()
     teachers = {k: _teacher_net() for k in KINDS}
-    net = {**TINY, "context": True, "attribution": True}
-    m = UncertaintySeg("student", KINDS, net=net, task_net=task, teacher_nets=teachers).eval()
+    net = {"context": True, "attribution": True}
+    m = stage("student", KINDS, net, task_net=task, teacher_nets=teachers).eval()
     assert m.net.head_sources == 2  # task row + one total artifact row
     x = torch.rand(2, 1, 8, 8, 8)
     with torch.no_grad():
@@ -461,13 +506,12 @@ def test_attribution_splits_one_total_artifact_variance_by_the_kind_softmax() ->
 def test_context_lr_mult_freezes_or_slows_the_context_branch() -> None:
     torch.manual_seed(0)
     teachers = {k: _teacher_net() for k in KINDS}
-    net = {**TINY, "context": True, "attribution": True}
+    net = {"context": True, "attribution": True}
 
     def step(mult: float) -> tuple[UncertaintySeg, dict[str, torch.Tensor]]:
-        m = UncertaintySeg(
-            "student", KINDS, net=net, task_net=_task_net(), teacher_nets=teachers,
-            context_lr_mult=mult,
-        )  # fmt: skip
+        m = stage(
+            "student", KINDS, net, task_net=_task_net(), teacher_nets=teachers, context_lr_mult=mult
+        )
         before = {n: p.detach().clone() for n, p in m.net.named_parameters()}
         opt = m.configure_optimizers()
         m.compute_loss(_batch())["loss"].backward()
@@ -483,4 +527,4 @@ def test_context_lr_mult_freezes_or_slows_the_context_branch() -> None:
     assert [g["lr"] for g in groups] == [slow.lr, slow.lr * 0.5]
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in slow.net.context.parameters()}
     with pytest.raises(ValueError, match="multipliers"):
-        UncertaintySeg("teacher", ["noise"], net=TINY, context_lr_mult=-1.0)
+        stage("teacher", context_lr_mult=-1.0)

@@ -11,9 +11,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from qcflow.lit.uncertainty import UncertaintySeg
+from qcflow.api import compose_config
 from qcflow.models.unet import PatchContext
 from qcflow.runs.stages import latest_teacher_run
+from qcflow.tasks.uncertainty_train import instantiate_module
 from tests.conftest import SMALL_EMBEDDED
 from tests.helpers import compose_cfg, run_cli
 
@@ -26,11 +27,18 @@ TINY = [
     "data.batch_size=2",
     "model.filters=[4,8,16]",
 ]
+#: saved stand-in stages: no context branch unless a test asks for one
+PLAIN = {"context": False, "attribution": False}
 
 
 def _save_stage(path: Path, role: str, kinds: list[str], **net: object) -> Path:
-    """A checkpoint of an untrained stage, as Lightning writes it (without a Trainer)."""
-    m = UncertaintySeg(role, kinds, net={"filters": [4, 8, 16], **net})
+    """A checkpoint of an untrained stage as configured (a plain 4/8/16 network, ``net`` on
+    top), as Lightning writes it (without a Trainer)."""
+    over = [f"experiment=uncertainty_{role}", "model.filters=[4,8,16]"]
+    over += [f"model.{k}={str(v).lower()}" for k, v in {**PLAIN, **net}.items()]
+    if role != "task":
+        over += [f"artifact={kinds[0]}", f"uncertainty.kinds=[{','.join(kinds)}]"]
+    m = instantiate_module(compose_config(over))
     ckpt = {
         "state_dict": m.state_dict(),
         "hyper_parameters": dict(m.hparams),
@@ -114,8 +122,8 @@ def test_fast_dev_run_teacher_with_context_and_kind_loss(
         "artifact=noise",
         f"uncertainty.task_ckpt={stage_ckpts['task']}",
         "model.context=true",
-        "uncertainty.kind_aux_weight=1.0",
-        "uncertainty.absent_kind_var=zero",
+        "uncertainty.module.kind_aux_weight=1.0",
+        "uncertainty.module.absent_kind_var=zero",
         "uncertainty.teacher_negatives=0.5",
         f"uncertainty.context_init={tmp_path / 'clf.pt'}",
     ]
@@ -124,6 +132,7 @@ def test_fast_dev_run_teacher_with_context_and_kind_loss(
 
     module = build_module(cfg)
     assert module.net.context is not None and module.kind_aux_weight == 1.0
+    assert type(module).__name__ == "TeacherSeg" and module.kinds == ["noise"]
     x = torch.rand(1, 1, 16, 16, 16)
     with torch.no_grad():  # the teacher's logit is the classifier's noise-vs-clean log-odds
         full = clf.logits(x)
@@ -157,10 +166,10 @@ def test_student_with_attribution_trains_and_evaluates(
         "model.context=true",
         "model.attribution=true",
         f"uncertainty.context_init={tmp_path / 'clf.pt'}",
-        "uncertainty.student_targets=own_kind",
-        "uncertainty.absent_kind_var=zero",
+        "uncertainty.module.student_targets=own_kind",
+        "uncertainty.module.absent_kind_var=zero",
         "uncertainty.exclusive_kinds=true",
-        "uncertainty.kind_aux_weight=1.0",
+        "uncertainty.module.kind_aux_weight=1.0",
     ]
     cfg = compose_cfg(over, tmp_path)
     module = build_module(cfg)

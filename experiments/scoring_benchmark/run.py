@@ -167,11 +167,10 @@ def make_student_standin(run: Path) -> Path:
     from omegaconf import OmegaConf
 
     from qcflow.api import compose_config
-    from qcflow.lit.uncertainty import UncertaintySeg
+    from qcflow.tasks.uncertainty_train import instantiate_module
 
     cfg = compose_config(["experiment=uncertainty_student"])
-    net = OmegaConf.to_container(cfg.model, resolve=True)
-    module = UncertaintySeg("student", list(cfg.uncertainty.kinds), net=net)
+    module = instantiate_module(cfg)
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     ckpt = {
         "state_dict": module.state_dict(),

@@ -34,6 +34,7 @@ __all__ = [
     "SliceDataModule",
     "PatchDataModule",
     "collate",
+    "patch_collate",
 ]
 
 log = logging.getLogger(__name__)
@@ -239,8 +240,8 @@ class PatchDataModule(ScanDataModule):
         )
 
     def _collate(self, batch: list[tio.Subject]) -> dict[str, Any]:
-        """Patches -> batch dict; subclasses add keys (see :func:`_patch_collate`)."""
-        return _patch_collate(batch)
+        """Patches -> batch dict; subclasses add keys (see :func:`patch_collate`)."""
+        return patch_collate(batch)
 
     def _patch_loader(self, queue: tio.Queue) -> DataLoader:
         ranked = queue.subject_sampler is not None
@@ -276,7 +277,7 @@ class _RankQueueSampler(DistributedSampler):
         self.subject_sampler.set_epoch(epoch)
 
 
-def _patch_collate(batch: list[tio.Subject]) -> dict[str, Any]:
+def patch_collate(batch: list[tio.Subject]) -> dict[str, Any]:
     """Patches -> ``{"image": (B, 1, p, p, p), ["label"], "scan_id": [...], "location"}``."""
     out: dict[str, Any] = {"image": torch.stack([s["image"].data for s in batch])}
     for name in ("label", "mask"):

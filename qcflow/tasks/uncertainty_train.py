@@ -1,4 +1,6 @@
-"""Train one stage of method B: ``uncertainty.role = task | teacher | student``.
+"""Train one stage of method B, the LightningModule ``uncertainty.module`` (``_target_``:
+:class:`~qcflow.lit.uncertainty.TaskSeg` | ``TeacherSeg`` | ``StudentSeg``, from
+``conf/uncertainty_module/``; Shaw et al., MIDL 2020 / MELBA 2021).
 
 * task: clean patches (no augmentation);
 * teacher: ``artifact`` only (``augment.<artifact>`` ranges, probability ``uncertainty.kind_p``),
@@ -8,7 +10,10 @@
 * student: all ``uncertainty.kinds``, with the frozen task network and the latest teacher run per
   kind (experiments ``uncertainty_teacher_<kind>``, or ``uncertainty.teacher_ckpts.<kind>``).
 
-Corruption happens per whole volume before patch sampling (``PairedPatchDataModule``).
+Corruption happens per whole volume before patch sampling
+(:class:`~qcflow.data.paired.PairedPatchDataModule`). The module, its network (``model``) and the
+epsilon schedule (``uncertainty.schedule``) are built with ``hydra.utils.instantiate``; every
+argument comes from the YAML, and a missing or unknown key is a :class:`ConfigError` naming it.
 ``resume=true|auto|PATH`` continues a stage's run from its checkpoint
 (:func:`qcflow.runs.resume.resume_plan`; the patch queue is rebuilt, see
 :mod:`qcflow.lit.resume`).
@@ -16,23 +21,41 @@ Corruption happens per whole volume before patch sampling (``PairedPatchDataModu
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from qcflow.data.paired import PairedPatchDataModule
 from qcflow.errors import BadFileError, ConfigError
-from qcflow.lit.callbacks import EpsilonSchedule
-from qcflow.lit.uncertainty import PairedPatchDataModule, UncertaintySeg, sources_for
+from qcflow.kspace import KINDS
+from qcflow.lit.uncertainty import (
+    ArtifactSeg,
+    EpsilonSchedule,
+    StudentSeg,
+    TeacherSeg,
+    UncertaintySeg,
+)
 from qcflow.runs.resume import fit, prepare_resume, resume_results
 from qcflow.runs.stages import load_stage, task_checkpoint, teacher_checkpoints
 from qcflow.tasks.common import build_trainer, seed_all, trainer_metrics
 from qcflow.utils.bundles import load_tensors
 
-__all__ = ["run", "build_sampler", "build_module"]
+__all__ = [
+    "run",
+    "build_sampler",
+    "build_module",
+    "build_schedule",
+    "instantiate_module",
+    "module_class",
+    "check_arguments",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +75,10 @@ def build_sampler(cfg: DictConfig, kinds: list[str], negatives: list[str] | None
     assert isinstance(aug, dict)
     ucfg = cfg.uncertainty
     negatives = [k for k in negatives or [] if k not in kinds]
-    frac = float(ucfg.get("teacher_negatives", 0.0)) if negatives else 0.0
+    frac = float(ucfg.teacher_negatives) if negatives else 0.0
     if not 0.0 <= frac < 1.0:
         raise ConfigError(f"uncertainty.teacher_negatives must be in [0, 1), got {frac}")
-    for kind in ("spike", "noise", "blur", "wrap", "motion", "bias"):
+    for kind in KINDS:
         if kind not in kinds and (kind not in negatives or frac == 0.0):
             aug[kind] = None
         elif not aug.get(kind):
@@ -65,56 +88,103 @@ def build_sampler(cfg: DictConfig, kinds: list[str], negatives: list[str] | None
         else:
             aug[kind]["p"] = frac / len(negatives)
     aug["rate"] = float(ucfg.artifact_rate)
-    aug["exclusive"] = bool(ucfg.get("exclusive_kinds", False)) or frac > 0.0
+    aug["exclusive"] = bool(ucfg.exclusive_kinds) or frac > 0.0
     aug["device"] = "loader"
     aug["spacing"] = [float(cfg.data.spacing)] * 3
     return instantiate(aug)
 
 
+def check_arguments(
+    target: Any, node: Mapping[str, Any], where: str, given: Iterable[str] = ()
+) -> None:
+    """``node`` sets every argument of ``target`` (but ``given``, passed at run time) and no
+    other: the YAML is the only source of their values, so a deleted key cannot fall back to a
+    default in the code.
+
+    Raises:
+        ConfigError: one line naming the missing or unknown keys of ``where``.
+    """
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = [n for n, p in inspect.signature(target).parameters.items() if p.kind in kinds]
+    keys = [str(k) for k in node if not str(k).startswith("_")]
+    missing = [n for n in names if n not in keys and n not in given]
+    unknown = [k for k in keys if k not in names]
+    if missing or unknown:
+        what = [f"missing {', '.join(missing)}"] if missing else []
+        what += [f"unknown {', '.join(unknown)}"] if unknown else []
+        name = getattr(target, "__name__", str(target))
+        raise ConfigError(f"{where}: {'; '.join(what)} (arguments of {name})")
+
+
+def module_class(cfg: DictConfig) -> type[UncertaintySeg]:
+    """The stage class named by ``uncertainty.module._target_``, after checking that the
+    module's and its network's config (``model``) give exactly their arguments."""
+    node = cfg.uncertainty.get("module")
+    if node is None or "_target_" not in node:
+        raise ConfigError("uncertainty.module: no stage configured (uncertainty_module=task|...)")
+    try:
+        cls = get_class(str(node._target_))
+    except Exception as exc:  # an import error, a misspelt name
+        raise ConfigError(f"uncertainty.module._target_: {node._target_} ({exc})") from None
+    if not (isinstance(cls, type) and issubclass(cls, UncertaintySeg) and cls.role):
+        raise ConfigError(
+            f"uncertainty.module._target_: {node._target_} is not a method-B stage "
+            "(TaskSeg, TeacherSeg or StudentSeg of qcflow.lit.uncertainty)"
+        )
+    check_arguments(cls, node, "uncertainty.module", given=("task_net", "teacher_nets"))
+    net = node.get("net")
+    if net is None or "_target_" not in net:
+        raise ConfigError("uncertainty.module.net: no network (_target_) configured")
+    check_arguments(get_class(str(net._target_)), net, "model", given=("num_sources",))
+    return cls
+
+
+def instantiate_module(cfg: DictConfig, **frozen: Any) -> UncertaintySeg:
+    """``uncertainty.module`` as configured (checked by :func:`module_class`), given its frozen
+    networks (``task_net=``, ``teacher_nets=``); without them an untrained stage for inference
+    or a stand-in (fitting it refuses, :meth:`UncertaintySeg.on_fit_start`).
+
+    Raises:
+        ConfigError: a missing or unknown key, or a value the module refuses (one line).
+    """
+    module_class(cfg)
+    try:
+        return instantiate(cfg.uncertainty.module, **frozen)
+    except InstantiationException as exc:  # the module refused a value: say which, one line
+        reason = " ".join(str(exc.__cause__ or exc).split())
+        raise ConfigError(f"uncertainty.module: {reason}") from exc
+
+
+def build_schedule(cfg: DictConfig) -> EpsilonSchedule:
+    """The epsilon/lr schedule ``uncertainty.schedule`` (every argument from the YAML)."""
+    node = cfg.uncertainty.schedule
+    check_arguments(get_class(str(node._target_)), node, "uncertainty.schedule")
+    return instantiate(node)
+
+
 def build_module(cfg: DictConfig) -> UncertaintySeg:
-    """The module for ``cfg.uncertainty.role`` with its frozen earlier stages loaded."""
+    """The stage ``uncertainty.module`` with its frozen earlier stages loaded (the task network
+    for a teacher or the student, the teachers of its kinds for the student)."""
     ucfg = cfg.uncertainty
-    role = str(ucfg.role)
-    kinds = [str(k) for k in ucfg.kinds] if role != "task" else []
-    task_net, teachers = None, None
-    if role in ("teacher", "student"):
-        path = task_checkpoint(
-            cfg, ucfg.get("task_ckpt"), str(ucfg.get("task_experiment", "uncertainty_task"))
-        )
+    cls = module_class(cfg)
+    frozen: dict[str, Any] = {}
+    if issubclass(cls, ArtifactSeg):
+        path = task_checkpoint(cfg, ucfg.task_ckpt, str(ucfg.task_experiment))
         log.info("frozen task network: %s", path)
-        task_net = load_stage(path).net
-    if role == "student":
-        paths = teacher_checkpoints(
-            cfg, kinds, ucfg.get("teacher_ckpts"), str(ucfg.teacher_experiment)
-        )
+        frozen["task_net"] = load_stage(path).net
+    if issubclass(cls, StudentSeg):
+        kinds = [str(k) for k in ucfg.module.kinds]
+        paths = teacher_checkpoints(cfg, kinds, ucfg.teacher_ckpts, str(ucfg.teacher_experiment))
         teachers = {}
         for kind, path in paths.items():
             stage = load_stage(path)
-            if stage.sources != sources_for("teacher", [kind]):
+            if not isinstance(stage, TeacherSeg) or stage.kinds != [kind]:
                 raise ConfigError(f"{path}: not a '{kind}' teacher (sources {stage.sources})")
             teachers[kind] = stage.net
             log.info("frozen %s teacher: %s", kind, path)
-    module = UncertaintySeg(
-        role=role,
-        kinds=kinds,
-        net=OmegaConf.to_container(cfg.model, resolve=True),  # type: ignore[arg-type]
-        lr=float(ucfg.lr),
-        eps=float(ucfg.eps),
-        consistency_weight=float(ucfg.consistency_weight),
-        ssim_weight=float(ucfg.ssim_weight),
-        task_net=task_net,
-        teacher_nets=teachers,
-        init_from_task=bool(ucfg.get("init_from_task", True)),
-        init_log_var=float(ucfg.get("init_log_var", -2.0)),
-        task_var_lr_mult=float(ucfg.get("task_var_lr_mult", 1.0)),
-        artifact_lr_mult=float(ucfg.get("artifact_lr_mult", 1.0)),
-        hce_task_var=str(ucfg.get("hce_task_var", "own")),
-        student_targets=str(ucfg.get("student_targets", "corrupted")),
-        absent_kind_var=str(ucfg.get("absent_kind_var", "free")),
-        kind_aux_weight=float(ucfg.get("kind_aux_weight", 0.0)),
-        context_lr_mult=float(ucfg.get("context_lr_mult", 1.0)),
-    )
-    if ucfg.get("context_init"):
+        frozen["teacher_nets"] = teachers
+    module = instantiate_module(cfg, **frozen)
+    if ucfg.context_init:
         from qcflow.tasks.kind_classifier import classifier_path
 
         path = classifier_path(cfg, str(ucfg.context_init))
@@ -151,11 +221,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ucfg = cfg.uncertainty
     module = build_module(cfg)
     negatives = None
-    if module.role == "teacher":
-        negatives = [str(k) for k in ucfg.get("negative_kinds") or []]
+    if isinstance(module, TeacherSeg):
+        negatives = [str(k) for k in ucfg.negative_kinds]
     sampler = build_sampler(cfg, module.kinds, negatives)
     datamodule = PairedPatchDataModule(cfg.data, sampler=sampler)
-    schedule = EpsilonSchedule(**OmegaConf.to_container(ucfg.schedule, resolve=True))  # type: ignore[arg-type]
+    schedule = build_schedule(cfg)
     trainer = build_trainer(cfg, callbacks=[schedule], samplers=lambda: {"augment": sampler})
     t0 = time.perf_counter()
     fit(trainer, module, datamodule, resume)
@@ -163,7 +233,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "role": module.role,
         "kinds": module.kinds,
         "sources": module.sources,
-        "artifact": cfg.get("artifact"),
+        "artifact": cfg.artifact,
         "eps": module.eps,
         "n_eps_halvings": schedule.n_halvings,
         "lr": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None,

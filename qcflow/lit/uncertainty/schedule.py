@@ -1,7 +1,7 @@
-"""The uncertainty networks' epsilon schedule (method B).
+"""Method B's epsilon schedule: epsilon and the learning rate halve together on loss plateaus.
 
-The contrastive curriculum is :mod:`qcflow.lit.curriculum`, the W&B media callback
-:mod:`qcflow.lit.wandb_media`.
+Shaw et al., MIDL 2020 / MELBA 2021. Its settings are ``uncertainty.schedule`` in
+``conf/experiment/uncertainty_task.yaml`` (built with ``hydra.utils.instantiate``).
 """
 
 from __future__ import annotations
@@ -46,13 +46,14 @@ class EpsilonSchedule(pl.Callback):
 
     def __init__(
         self,
-        monitor: str = "train/loss_epoch",
-        patience: int = 2,
-        min_delta: float = 1e-3,
-        factor: float = 0.5,
-        floor: float = 1e-3,
-        halve_lr: bool = True,
-        stop_at_floor: bool = False,
+        *,
+        monitor: str,
+        patience: int,
+        min_delta: float,
+        factor: float,
+        floor: float,
+        halve_lr: bool,
+        stop_at_floor: bool,
     ) -> None:
         if not 0 < factor < 1 or patience < 1:
             raise ValueError(f"need 0 < factor < 1 and patience >= 1, got {factor}, {patience}")
