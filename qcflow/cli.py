@@ -171,6 +171,53 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(1)
 
 
+def _module_keys() -> set[str]:
+    """Method B's stage arguments: the keys of ``conf/uncertainty_module/*.yaml`` that are not
+    also pipeline keys of ``uncertainty`` in an experiment (``kinds``, ``task_ckpt``...)."""
+    import yaml
+
+    keys: set[str] = set()
+    for path in (config_dir() / "uncertainty_module").glob("*.yaml"):
+        data = yaml.safe_load(path.read_text()) or {}
+        keys |= {str(k) for k in data if k != "defaults"}
+    for path in (config_dir() / "experiment").glob("*.yaml"):
+        block = (yaml.safe_load(path.read_text()) or {}).get("uncertainty") or {}
+        keys -= {str(k) for k in block if k != "module"}
+    return keys
+
+
+def renamed_override(args: list[str]) -> str | None:
+    """One line for a command-line override in a form that was renamed, else ``None``.
+
+    Method B's stage arguments moved from ``uncertainty.<key>`` to ``uncertainty.module.<key>``
+    (the module is built from that node), and ``uncertainty.role`` is gone (the experiment's
+    class is the role). Hydra alone would answer with a multi-line struct error.
+    """
+    import re
+
+    moved = None
+    for arg in args:
+        match = re.match(r"^[+~]*uncertainty\.([A-Za-z_]\w*)(=|$)", arg)
+        if not match:
+            continue
+        key = match.group(1)
+        if key == "role":
+            return (
+                f"{arg}: uncertainty.role is gone; the experiment chooses the stage "
+                "(experiment=uncertainty_task|uncertainty_teacher|uncertainty_student)"
+            )
+        if moved is None:
+            moved = _module_keys()
+        if key in moved:
+            new = arg.replace(f"uncertainty.{key}", f"uncertainty.module.{key}", 1)
+            return f"{arg}: method B's stage arguments moved; use {new}"
+    return None
+
+
 def main() -> None:
     """Console entry point (``qcflow`` and ``python -m qcflow``)."""
+    message = renamed_override(sys.argv[1:])
+    if message:
+        print(f"qcflow: error: {message}", file=sys.stderr)
+        sys.exit(1)
     _hydra_main()

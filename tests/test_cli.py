@@ -65,3 +65,22 @@ def test_default_run_folders_are_unique(tmp_path: Path, qcflow_home: Path) -> No
         assert res.returncode == 1
     runs = list((qcflow_home / "runs" / "nope").iterdir())
     assert len(runs) == 2, runs
+
+
+def test_renamed_method_b_overrides_fail_with_one_line_naming_the_new_form() -> None:
+    """`uncertainty.<stage argument>=` moved to `uncertainty.module.<key>=`; pipeline keys stay."""
+    from qcflow.cli import renamed_override
+
+    assert renamed_override(["uncertainty.hce_task_var=own"]) == (
+        "uncertainty.hce_task_var=own: method B's stage arguments moved; "
+        "use uncertainty.module.hce_task_var=own"
+    )
+    assert "uncertainty.role is gone" in renamed_override(["uncertainty.role=student"])
+    for fine in (["uncertainty.kinds=[noise]"], ["uncertainty.module.lr=1e-3"], ["seed=1"]):
+        assert renamed_override(fine) is None, fine
+    proc = run_cli("experiment=uncertainty_student", "uncertainty.artifact_lr_mult=5")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "qcflow: error: uncertainty.artifact_lr_mult=5: method B's stage arguments moved; "
+        "use uncertainty.module.artifact_lr_mult=5"
+    ]
