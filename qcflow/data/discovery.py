@@ -1,7 +1,8 @@
 """Find the input scans: a BIDS dataset, a plain folder, a glob or a single file.
 
 Discovery only lists files; it never opens them (:mod:`qcflow.data.nifti` judges them), so a
-broken file still appears here and gets its own line in the validation report. The result is
+broken file still appears here and gets its own line in the validation report. (One concept, the
+four input forms and their shared id rules, hence ~430 lines.) The result is
 sorted by ``scan_id`` and depends only on the file names, never on the file system's order.
 
 BIDS layout read here (the embedded dataset uses the same names)::

@@ -1,7 +1,7 @@
 """NIfTI reading with validation: every way a T1w file can be unusable gives a one-line reason.
 
 The checks themselves (header and voxels) live in :mod:`qcflow.data.nifti_checks`; this module
-reads files safely and applies them.
+reads files safely and applies them (one concept, the bounded reader, hence ~420 lines).
 
 :func:`load_nifti` is the only reader the rest of qcflow should use for input scans. Files come from
 other people, so reading is bounded: only regular files are opened (a FIFO, ``/dev/zero`` behind a
