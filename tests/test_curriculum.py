@@ -142,13 +142,11 @@ def test_changing_the_sampler_redraws_the_banked_negatives() -> None:
     assert (weak - clean).abs().mean() < (strong - clean).abs().mean()
 
 
-def test_curriculum_is_off_by_default(tmp_path: Path) -> None:
+def test_curriculum_lives_in_its_study_experiment(tmp_path: Path) -> None:
     cfg = compose_cfg(["experiment=encoder_contrastive"], tmp_path)
-    assert cfg.contrastive.curriculum.enabled is False
+    assert "curriculum" not in cfg.contrastive
     assert curriculum_callbacks(cfg.contrastive) == []
-    on = compose_cfg(
-        ["experiment=encoder_contrastive", "contrastive.curriculum.enabled=true"], tmp_path
-    )
+    on = compose_cfg(["experiment=zuo_study_curriculum"], tmp_path)
     (cb,) = curriculum_callbacks(on.contrastive)
     assert isinstance(cb, SeverityCurriculum) and cb.schedule == "linear"
     assert cb.level_at(0) == 0.0
@@ -177,11 +175,10 @@ def test_fit_with_curriculum_moves_the_level(
     monkeypatch.setattr(negatives, "corrupt_volume", recording_draw)  # the bank's draws
     monkeypatch.setattr(SeverityCurriculum, "on_train_epoch_start", marking_start)
 
-    base = ["experiment=encoder_contrastive", *TINY, *TINY_ENCODER,
-            "contrastive.negatives_3d=true", "augment=contrastive_all"]  # fmt: skip
-    on = ["contrastive.curriculum.enabled=true", "contrastive.curriculum.warmup_epochs=1",
+    base = [*TINY, *TINY_ENCODER, "contrastive.negatives_3d=true", "augment=contrastive_all"]
+    on = ["experiment=zuo_study_curriculum", "contrastive.curriculum.warmup_epochs=1",
           "contrastive.curriculum.ramp_epochs=2", "trainer.max_epochs=3"]  # fmt: skip
-    results = encoder_contrastive.run(compose_cfg([*base, *on], tmp_path / "on"))
+    results = encoder_contrastive.run(compose_cfg([*on, *base], tmp_path / "on"))
     assert results["curriculum_levels"] == [[1, 0.5], [2, 1.0]]
     assert results["train/curriculum_level"] == 1.0
     marks = [events.index(("epoch", e)) for e in range(3)]
@@ -191,5 +188,6 @@ def test_fit_with_curriculum_moves_the_level(
         assert drawn and all(r == pytest.approx(level[e]) for r in drawn)
     assert all(r == (-10.0, 30.0) for r in events[: marks[1]] if r[0] != "epoch")
     monkeypatch.undo()
-    off = encoder_contrastive.run(compose_cfg([*base, "trainer.max_epochs=1"], tmp_path / "off"))
+    off = ["experiment=encoder_contrastive", *base, "trainer.max_epochs=1"]
+    off = encoder_contrastive.run(compose_cfg(off, tmp_path / "off"))
     assert "curriculum_levels" not in off and "train/curriculum_level" not in off

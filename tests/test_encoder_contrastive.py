@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from qcflow.data.contrastive import (
@@ -23,7 +24,6 @@ from qcflow.models.encoder import (
     ArtifactEncoder,
     EncoderEnsemble,
     contrastive_loss,
-    log_kspace_magnitude,
     volume_code,
 )
 from tests.helpers import compose_cfg
@@ -48,16 +48,13 @@ def test_loss_matches_hand_computation() -> None:
     assert got.item() == pytest.approx(want, rel=1e-6)
 
 
-def test_loss_mask_keeps_only_listed_negatives_and_extensions_are_off_by_default() -> None:
+def test_loss_mask_keeps_only_listed_negatives() -> None:
     q, p = torch.tensor([[1.0, 0.5]]), torch.tensor([[0.2, 0.1]])
     pool = torch.tensor([[1.0, 1.0], [9.0, 9.0], [-1.0, 0.0]])
     mask = torch.tensor([[True, False, True]])
     got = contrastive_loss(q, p, pool, mask)
     want = _hand_loss([1.0, 0.5], [0.2, 0.1], [[1.0, 1.0], [-1.0, 0.0]])
     assert got.item() == pytest.approx(want, rel=1e-6)
-    # temperature 1 and no normalisation is the paper's loss
-    assert contrastive_loss(q, p, pool, mask, temperature=1.0).item() == pytest.approx(want)
-    assert contrastive_loss(q, p, pool, mask, normalize=True).item() != pytest.approx(want)
     with pytest.raises(ValueError, match="no negative"):
         contrastive_loss(q, p, pool, torch.zeros(1, 3, dtype=torch.bool))
 
@@ -171,59 +168,25 @@ def test_encoder_shapes_and_volume_code(volumes) -> None:
     torch.testing.assert_close(m, enc(slices).mean(0).detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_normalized_encoder_outputs_the_unit_codes_the_loss_compares(volumes) -> None:
+def test_retired_extensions_load_at_the_paper_value_and_refuse_otherwise(tmp_path) -> None:
+    """Checkpoints saved before the cosine loss and the k-space channel were retired still
+    carry ``temperature``/``normalize``/``encoder.fourier`` at the paper's values and load as
+    the same network; one trained with an extension on is refused, not silently mis-loaded."""
     torch.manual_seed(0)
-    module = ContrastiveEncoder(encoder={"latent_dim": 2, **TINY}, normalize=True).eval()
-    raw = ArtifactEncoder(latent_dim=2, **TINY).eval()
-    raw.load_state_dict(module.encoder.state_dict())  # no new parameters: same weights
-    slices = axial_stack(volumes.volume(0)["image"], 4, 32)
-    with torch.no_grad():
-        unit, m = module.encoder(slices), raw(slices)
-    torch.testing.assert_close(unit.norm(dim=1), torch.ones(4))
-    torch.testing.assert_close(unit, m / m.norm(dim=1, keepdim=True))
-    # the loss on unit codes is the cosine loss on the raw ones
-    q, p, negs = m[:1], m[1:2], m[2:]
-    torch.testing.assert_close(
-        contrastive_loss(unit[:1], unit[1:2], unit[2:], temperature=0.1),
-        contrastive_loss(q, p, negs, temperature=0.1, normalize=True),
-    )
-    # the paper's default leaves the codes raw
-    assert ContrastiveEncoder(encoder={"latent_dim": 2, **TINY}).encoder.normalize is False
-    with pytest.raises(ValueError, match="contradicts"):
-        ContrastiveEncoder(encoder={"latent_dim": 2, "normalize": False, **TINY}, normalize=True)
-
-
-def test_log_kspace_magnitude_analytic_cases() -> None:
-    h, w = 16, 12
-    const = torch.full((1, 1, h, w), 0.5)
-    k = log_kspace_magnitude(const)
-    assert k.shape == (1, 1, h, w)
-    # orthonormal FFT of a constant: only the centred zero frequency, |F(0)| = c sqrt(HW)
-    want = torch.zeros(h, w)
-    want[h // 2, w // 2] = math.log1p(0.5 * math.sqrt(h * w))
-    torch.testing.assert_close(k[0, 0], want, atol=1e-5, rtol=1e-5)
-    # a plane wave cos(2 pi 3 y / H): two peaks at +-3 rows from the centre, amplitude sqrt(HW)/2
-    y = torch.arange(h, dtype=torch.float32)[:, None].expand(h, w)
-    k = log_kspace_magnitude(torch.cos(2 * math.pi * 3 * y / h)[None, None])[0, 0]
-    peaks = (k > 0.1).nonzero().tolist()
-    assert peaks == [[h // 2 - 3, w // 2], [h // 2 + 3, w // 2]]
-    half = torch.tensor(math.log1p(math.sqrt(h * w) / 2))
-    torch.testing.assert_close(k[h // 2 + 3, w // 2], half)
-
-
-def test_fourier_encoder_sees_the_kspace_channel(volumes) -> None:
-    torch.manual_seed(0)
-    enc = ArtifactEncoder(latent_dim=2, fourier=True, **TINY).eval()
-    slices = axial_stack(volumes.volume(0)["image"], 3, 32)
-    first = next(enc.net.parameters())  # the stem convolution takes image + k-space channels
-    assert first.shape[1] == 2
-    with torch.no_grad():
-        m = enc(slices)
-        assert m.shape == (3, 2)
-        # the code depends on the k-space channel: zeroing its weights changes the output
-        first[:, 1].zero_()
-        assert not torch.allclose(m, enc(slices))
-    assert ArtifactEncoder(latent_dim=2, **TINY).fourier is False  # the paper: image only
+    module = ContrastiveEncoder(encoder={"latent_dim": 2, **TINY})
+    legacy = {"encoder": {"latent_dim": 2, "fourier": False, "normalize": False, **TINY},
+              "temperature": None, "normalize": False, "lr": 1e-3}  # fmt: skip
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": legacy,
+            "pytorch-lightning_version": pl.__version__}  # fmt: skip
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    loaded = ContrastiveEncoder.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=False)
+    for key, value in module.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    with pytest.raises(ValueError, match="retired"):
+        ContrastiveEncoder(encoder={"latent_dim": 2, "fourier": True, **TINY})
+    torch.save({**ckpt, "hyper_parameters": {**legacy, "normalize": True}}, tmp_path / "c.ckpt")
+    with pytest.raises(ValueError, match="retired"):
+        ContrastiveEncoder.load_from_checkpoint(tmp_path / "c.ckpt", weights_only=False)
 
 
 def test_encoder_ensemble_concatenates_member_codes(volumes) -> None:

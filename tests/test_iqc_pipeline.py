@@ -51,7 +51,6 @@ def test_encoder_fast_dev_run(small_embedded: Path, tmp_path: Path) -> None:
     cfg = compose_cfg(
         ["experiment=encoder_contrastive", *TINY, *TINY_ENCODER, "debug=fast"], tmp_path
     )
-    assert cfg.model.temperature is None and cfg.model.normalize is False  # paper defaults
     assert {"motion", "noise"} <= set(cfg.augment)  # paper negatives: noise + motion
     results = encoder_contrastive.run(cfg)
     assert math.isfinite(results["train/loss"]) and math.isfinite(results["val/loss"])
@@ -355,3 +354,20 @@ def test_simulated_kinds_come_from_the_encoder_runs_augment(tmp_path: Path) -> N
         "all",
         "corrupted",
     )
+
+
+def test_paper_experiments_pin_the_paper_setting(tmp_path: Path) -> None:
+    """The *_paper chain states the paper's setting itself, so the main job's defaults can
+    move to the best measured one without losing it."""
+    enc = compose_cfg(["experiment=encoder_contrastive_paper"], tmp_path)
+    assert list(enc.model.encoder.block_config) == [6, 12, 24, 16]  # DenseNet-121
+    assert enc.model.negatives == "all" and {"noise", "motion"} <= set(enc.augment)
+    assert not {"spike", "blur", "wrap", "bias"} & set(enc.augment)
+    assert enc.contrastive.negatives_3d is False and enc.contrastive.positive_nuisance is None
+    assert "curriculum" not in enc.contrastive
+    flow = compose_cfg(["experiment=flow_density_paper"], tmp_path)
+    assert flow.model.mixture == 1 and flow.model.transforms == 6
+    assert flow.flow.encoder_experiment == "encoder_contrastive_paper"
+    assert flow.data.slice_size == enc.data.slice_size
+    ev = compose_cfg(["experiment=iqc_evaluate_paper"], tmp_path)
+    assert ev.evaluate.flow_experiment == "flow_density_paper"

@@ -14,6 +14,7 @@ Usage::
     python experiments/zuo2023_iqc/run.py --encoder-run RUN   # flow + evaluation only
     python experiments/zuo2023_iqc/run.py --encoders 3   # an ensemble: 3 encoders, seeds 0-2
     python experiments/zuo2023_iqc/run.py --encoder-run A --encoder-run B   # reuse an ensemble
+    python experiments/zuo2023_iqc/run.py --encoders 1 --enc-experiment zuo_study_curriculum
 
 Each stage is handed the previous stage's run folder explicitly (``flow.encoder_ckpt``,
 ``evaluate.flow_run``), so two studies can run side by side.
@@ -81,14 +82,20 @@ KEYS = (
 
 
 def _stage(
-    name: str, stamp: str, extra: list[str], threads: int, tag: str = "study"
+    name: str,
+    stamp: str,
+    extra: list[str],
+    threads: int,
+    tag: str = "study",
+    experiment: str | None = None,
 ) -> tuple[Path, dict, float]:
+    """Run ``experiment`` (default: the stage's own, ``name``) into ``<runs>/<name>/``."""
     runs = Path(
         os.environ.get("QCFLOW_RUNS_DIR")
         or Path(os.environ.get("QCFLOW_HOME", Path.home() / "qcflow")) / "runs"
     )  # noqa: E501
     run_dir = runs / name / f"{stamp}_{tag}"
-    cmd = [sys.executable, "-m", "qcflow", f"experiment={name}", f"threads={threads}",
+    cmd = [sys.executable, "-m", "qcflow", f"experiment={experiment or name}", f"threads={threads}",
            f"hydra.run.dir={run_dir}", *extra]  # fmt: skip
     print("$", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
@@ -117,6 +124,10 @@ def main() -> None:
             flag, action="append", default=[], metavar="OVERRIDE",
             help=f"a Hydra override for the {stage} stage only (repeatable)",
         )  # fmt: skip
+    parser.add_argument(
+        "--enc-experiment", default="encoder_contrastive", metavar="NAME",
+        help="the encoder stage's experiment: a study setting such as zuo_study_curriculum",
+    )  # fmt: skip
     parser.add_argument(
         "--encoders", type=int, default=None,
         help=f"encoders in the ensemble, member k trained with seed+k (study: {ENCODERS})",
@@ -160,7 +171,7 @@ def main() -> None:
                 "encoder_contrastive", stamp,
                 [*plan["encoder_contrastive"], *linked["encoder_contrastive"], *args.overrides,
                  *member],
-                args.threads, args.tag if k == 0 else f"{args.tag}_e{k}",
+                args.threads, args.tag if k == 0 else f"{args.tag}_e{k}", args.enc_experiment,
             )  # fmt: skip
             encoders.append((run_dir, metrics))
             seconds += sec
@@ -194,6 +205,7 @@ def main() -> None:
         "seconds": timings,
         "threads": args.threads,
         "encoders": len(encoders),
+        "encoder_experiment": args.enc_experiment,
         "encoder_val_loss": [m.get("val/loss") for _, m in encoders],
         "n_train_volumes": encoders[0][1].get("n_train_volumes"),
         "flow_train_nll": stages["flow_density"][1].get("train/nll"),

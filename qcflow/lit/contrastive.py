@@ -32,6 +32,24 @@ __all__ = ["ContrastiveEncoder", "build_pool"]
 
 log = logging.getLogger(__name__)
 
+#: retired extensions (measured no gain: README of experiments/zuo2023_iqc, "Switches") with
+#: the paper's value: a checkpoint that still carries one at that value loads as before
+RETIRED_LOSS = {"temperature": None, "normalize": False}
+RETIRED_ENCODER = {"normalize": False, "fourier": False}
+
+
+def _current_encoder_kwargs(encoder: dict[str, Any] | None) -> dict[str, Any]:
+    """The network's keyword arguments without retired ones left at the paper's value (older
+    checkpoints save ``fourier``/``normalize``); a retired extension switched on is an error."""
+    kwargs = dict(encoder or {})
+    for key, paper in RETIRED_ENCODER.items():
+        if key in kwargs and kwargs.pop(key) != paper:
+            raise ValueError(
+                f"encoder.{key} was a retired extension (measured no gain) and is no longer "
+                "supported; this checkpoint or config sets it: retrain without it"
+            )
+    return kwargs
+
 
 def build_pool(
     query: Tensor, positive: Tensor, corrupted: Tensor, index: Tensor, negatives: str = "all"
@@ -74,10 +92,6 @@ class ContrastiveEncoder(pl.LightningModule):
         encoder: the network's keyword arguments (``latent_dim``, ``init_features``, ...).
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
-        temperature: extension, ``None`` (paper) = no temperature.
-        normalize: extension, False (paper) = raw dot products; True compares unit codes
-            (cosine similarity) and the encoder outputs them, so volume codes and the flow
-            see the codes the loss saw.
         gather: gather negatives across ranks under DDP (``self.all_gather``).
         negatives: extension, ``'all'`` (paper) or ``'corrupted'`` (see :func:`build_pool`).
         figure_dir: where validation scatter plots go (``None``: not saved).
@@ -88,8 +102,6 @@ class ContrastiveEncoder(pl.LightningModule):
         encoder: dict[str, Any] | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
-        temperature: float | None = None,
-        normalize: bool = False,
         gather: bool = True,
         negatives: str = "all",
         figure_dir: str | None = None,
@@ -98,13 +110,7 @@ class ContrastiveEncoder(pl.LightningModule):
             raise ValueError(f"negatives must be 'all' or 'corrupted', got {negatives!r}")
         super().__init__()
         self.save_hyperparameters()
-        kwargs = dict(encoder or {})
-        if bool(kwargs.setdefault("normalize", bool(normalize))) != bool(normalize):
-            raise ValueError(
-                f"encoder.normalize={kwargs['normalize']} contradicts normalize={normalize}: the "
-                "loss would compare other codes than the encoder outputs (set only normalize)"
-            )
-        self.encoder = ArtifactEncoder(**kwargs)
+        self.encoder = ArtifactEncoder(**_current_encoder_kwargs(encoder))
         self._val_codes: list[Tensor] = []
         self._val_kinds: list[Tensor] = []
 
@@ -133,15 +139,7 @@ class ContrastiveEncoder(pl.LightningModule):
         # rows of this rank's items within the gathered batch
         offset = self.global_rank * len(mq) if len(gq) > len(mq) else 0
         rows = torch.arange(offset, offset + len(mq), device=mq.device)
-        loss = contrastive_loss(
-            mq,
-            mp,
-            pool,
-            mask[rows],
-            temperature=self.hparams.temperature,
-            normalize=self.hparams.normalize,
-        )
-        return loss, mq, mc
+        return contrastive_loss(mq, mp, pool, mask[rows]), mq, mc
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss, _, _ = self._loss(batch)
@@ -169,6 +167,18 @@ class ContrastiveEncoder(pl.LightningModule):
 
         out = Path(self.hparams.figure_dir) / f"embedding_epoch{self.current_epoch:03d}.png"
         embedding_scatter(torch.cat(codes).numpy(), torch.cat(kinds).numpy(), out)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint trained with a retired loss extension (Lightning drops unknown
+        hyperparameters silently, so ``temperature``/``normalize`` would otherwise load as the
+        paper's loss with weights trained for another)."""
+        hparams = checkpoint.get("hyper_parameters") or {}
+        for key, paper in RETIRED_LOSS.items():
+            if key in hparams and hparams[key] != paper:
+                raise ValueError(
+                    f"checkpoint trained with {key}={hparams[key]!r}, a retired extension "
+                    "(measured no gain): retrain the encoder without it"
+                )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(

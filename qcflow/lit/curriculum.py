@@ -19,10 +19,10 @@ log = logging.getLogger(__name__)
 class SeverityCurriculum(pl.Callback):
     """Move the contrastive negatives' artifact ranges from the configured ones to milder ones.
 
-    Extension of Zuo et al. 2023 (off by default; ``contrastive.curriculum`` in
-    ``conf/experiment/encoder_contrastive.yaml``). With the paper's ranges the training loss is
-    ~0 after a few epochs and mild artifacts stay inside the clean codes; mild negatives from
-    the start spread the clean codes instead (README of ``experiments/zuo2023_iqc``). The
+    Extension of Zuo et al. 2023, a study setting (``contrastive.curriculum`` in
+    ``conf/experiment/zuo_study_curriculum.yaml``; the main job trains without it). With the
+    paper's ranges the training loss is ~0 after a few epochs and mild artifacts stay inside
+    the clean codes; mild negatives from the start spread the clean codes instead. The
     curriculum starts at the configured ranges (level 0) and moves every strength range to
     ``mild`` (level 1) with :func:`qcflow.kspace.sampler.interpolate_ranges`, never milder than
     ``floor`` (e.g. noise SNR below the clean scans' lowest):

@@ -24,7 +24,6 @@ __all__ = [
     "ArtifactEncoder",
     "EncoderEnsemble",
     "contrastive_loss",
-    "log_kspace_magnitude",
     "volume_code",
 ]
 
@@ -44,13 +43,6 @@ class ArtifactEncoder(nn.Module):
         block_config: dense layers per dense block.
         bn_size: bottleneck width multiplier.
         dropout_prob: dropout inside dense layers.
-        fourier: extension, off by default: a second input channel with the slice's centred
-            log k-space magnitude ``log(1 + |FFT2(x)|)`` (orthonormal FFT), computed inside
-            ``forward`` (the DenseNet sees ``in_channels + 1`` channels). Spikes, ghosts,
-            aliasing, truncation and the noise floor are local patterns there.
-        normalize: extension, off by default: return L2-normalised codes (the unit vectors a
-            cosine-similarity loss compares), so volume codes average the codes the loss saw
-            rather than raw outputs whose length was never trained.
     """
 
     def __init__(
@@ -62,16 +54,12 @@ class ArtifactEncoder(nn.Module):
         block_config: Sequence[int] = (6, 12, 24, 16),
         bn_size: int = 4,
         dropout_prob: float = 0.0,
-        normalize: bool = False,
-        fourier: bool = False,
     ) -> None:
         super().__init__()
         self.latent_dim = int(latent_dim)
-        self.normalize = bool(normalize)
-        self.fourier = bool(fourier)
         self.net = DenseNet(
             spatial_dims=2,
-            in_channels=in_channels + int(self.fourier),
+            in_channels=in_channels,
             out_channels=self.latent_dim,
             init_features=init_features,
             growth_rate=growth_rate,
@@ -81,17 +69,8 @@ class ArtifactEncoder(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, S, S)`` slices -> ``(B, d)`` codes (unit length with ``normalize``)."""
-        if self.fourier:
-            x = torch.cat([x, log_kspace_magnitude(x[:, :1])], dim=1)
-        m = self.net(x)
-        return F.normalize(m, dim=-1) if self.normalize else m
-
-
-def log_kspace_magnitude(x: Tensor) -> Tensor:
-    """``log(1 + |FFT2(x)|)`` of ``(B, 1, H, W)`` slices, orthonormal, zero frequency centred."""
-    k = torch.fft.fftshift(torch.fft.fft2(x.float(), norm="ortho"), dim=(-2, -1))
-    return torch.log1p(k.abs()).to(x.dtype)
+        """``(B, C, S, S)`` slices -> ``(B, d)`` codes."""
+        return self.net(x)
 
 
 class EncoderEnsemble(nn.Module):
@@ -131,8 +110,6 @@ def contrastive_loss(
     positive: Tensor,
     negatives: Tensor,
     mask: Tensor | None = None,
-    temperature: float | None = None,
-    normalize: bool = False,
 ) -> Tensor:
     """The paper's contrastive loss, averaged over queries.
 
@@ -149,22 +126,15 @@ def contrastive_loss(
         negatives: ``(B, N, d)`` per-query negatives, or ``(M, d)`` shared by all queries.
         mask: ``(B, N)`` / ``(B, M)`` bool, True where a negative counts for that query
             (e.g. False for slices of the query's own volume). Every row needs one True.
-        temperature: extension, off by default (``None`` = 1): divide all dot products by it.
-        normalize: extension, off by default: L2-normalise codes first (cosine similarity).
 
     Returns:
         scalar loss.
     """
-    if normalize:
-        query, positive = F.normalize(query, dim=-1), F.normalize(positive, dim=-1)
-        negatives = F.normalize(negatives, dim=-1)
     pos = (query * positive).sum(-1)  # (B,)
     if negatives.ndim == 2:
         neg = query @ negatives.T  # (B, M)
     else:
         neg = torch.einsum("bd,bnd->bn", query, negatives)  # (B, N)
-    if temperature is not None:
-        pos, neg = pos / temperature, neg / temperature
     if mask is None:
         mask = torch.ones_like(neg, dtype=torch.bool)
     count = mask.sum(-1)

@@ -35,17 +35,17 @@ log = logging.getLogger(__name__)
 
 
 def curriculum_callbacks(ccfg: Any) -> list[Any]:
-    """``[SeverityCurriculum]`` when ``contrastive.curriculum.enabled``, else ``[]``."""
+    """``[SeverityCurriculum(**contrastive.curriculum)]`` where an experiment sets one (the
+    study's ``conf/experiment/zuo_study_curriculum.yaml``), else ``[]``."""
     cur = ccfg.get("curriculum") if ccfg else None
-    if not cur or not cur.get("enabled", False):
+    if not cur:
         return []
     from omegaconf import OmegaConf
 
     from qcflow.lit.curriculum import SeverityCurriculum
 
     kwargs = OmegaConf.to_container(cur, resolve=True) if isinstance(cur, DictConfig) else cur
-    kwargs = {k: v for k, v in dict(kwargs).items() if k != "enabled"}
-    return [SeverityCurriculum(**kwargs)]
+    return [SeverityCurriculum(**dict(kwargs))]
 
 
 def _positive_nuisance(spec: Any) -> Any:
