@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from qcflow.kspace import (
+    AnisotropyParams,
     ArtifactParams,
     BiasParams,
     BlurParams,
+    GhostingParams,
     MotionParams,
     NoiseParams,
     SpikeParams,
@@ -115,6 +117,8 @@ ZERO = {
     "wrap_random": ArtifactParams(wrap=WrapParams(axis=2, mode="random", keep_fraction=1.0)),
     "motion": ArtifactParams(motion=MotionParams((0.3, 0.7), ((0, 0, 0),) * 2, ((0, 0, 0),) * 2)),
     "bias": ArtifactParams(bias=BiasParams((0.0,) * 20)),
+    "ghosting": ArtifactParams(ghosting=GhostingParams(axis=1, period=3, intensity=0.0)),
+    "anisotropy": ArtifactParams(anisotropy=AnisotropyParams(axis=0, factor=1.0)),
 }
 ZERO["all"] = ArtifactParams(**{k: getattr(v, k) for k, v in ZERO.items() if k in v.kinds})
 

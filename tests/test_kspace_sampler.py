@@ -12,8 +12,11 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import qcflow.cli
-from qcflow.kspace import KINDS, ArtifactParams, RandomArtifacts, apply_artifacts
+from qcflow.kspace import KINDS, OPT_IN_KINDS, ArtifactParams, RandomArtifacts, apply_artifacts
 from tests.test_kspace import phantom
+
+#: the kinds that RandomArtifacts.paper() and the shipped configs enable
+PAPER_KINDS = tuple(k for k in KINDS if k not in OPT_IN_KINDS)
 
 
 def test_same_seed_same_result_different_seed_different() -> None:
@@ -57,14 +60,24 @@ def test_shaw2021_kinds_are_every_kind_but_bias() -> None:
     from qcflow.kspace import SHAW2021_KINDS
 
     assert len(set(SHAW2021_KINDS)) == len(SHAW2021_KINDS)
-    assert set(SHAW2021_KINDS) == set(KINDS) - {"bias"}
+    assert set(SHAW2021_KINDS) == set(KINDS) - {"bias"} - set(OPT_IN_KINDS)
+    assert OPT_IN_KINDS == ("ghosting", "anisotropy")
 
 
 def test_every_kind_applied_with_rate_one() -> None:
     aug = RandomArtifacts.paper(rate=1.0, seed=1)
-    assert aug.kinds == KINDS
+    assert aug.kinds == PAPER_KINDS  # the opt-in kinds stay off
     for _ in range(3):
-        assert aug.sample().kinds == KINDS
+        assert aug.sample().kinds == PAPER_KINDS
+    every = RandomArtifacts.paper(rate=1.0, seed=1, ghosting=True, anisotropy=True)
+    assert every.kinds == KINDS and every.sample().kinds == KINDS
+
+
+def test_opt_in_kinds_leave_the_draws_of_the_other_kinds_unchanged() -> None:
+    # disabled kinds draw nothing, so adding kinds to KINDS changed no existing stream
+    a = RandomArtifacts.paper(rate=0.7, seed=4)
+    b = RandomArtifacts.paper(rate=0.7, seed=4, ghosting=None, anisotropy=False)
+    assert [a.sample() for _ in range(20)] == [b.sample() for _ in range(20)]
 
 
 def test_rate_and_per_kind_probabilities() -> None:
@@ -169,7 +182,9 @@ EXPECTED = {
     "wrap": ("wrap",),
     "motion": ("motion",),
     "bias": ("bias",),
-    "all": KINDS,
+    "ghosting": ("ghosting",),
+    "anisotropy": ("anisotropy",),
+    "all": PAPER_KINDS,
     "paper_contrastive": ("motion", "noise"),
     "contrastive_all": ("bias", "motion", "spike", "noise", "blur", "wrap"),
     "contrastive_mild": ("bias", "motion", "spike", "noise", "blur", "wrap"),

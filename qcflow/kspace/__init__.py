@@ -11,6 +11,9 @@ Both qcflow methods train on simulated artifacts. References:
   spike 1-10x max |k|, SNR in [-10, 30] / [-10, 20] dB, low-pass ratio in [2, 12], random or
   regular line masking, ~50 % of images corrupted, magnitude rescaled to [0, 1]).
 
+Two kinds are opt-in (:data:`OPT_IN_KINDS`, off unless a config names them): phase-encode
+ghosting (N/2 and periodic ghosts) and thick-slice anisotropy (issue 17).
+
 The package depends on nothing in qcflow but torch (TorchIO and Lightning only for their
 adapters).
 
@@ -36,27 +39,34 @@ from qcflow.kspace.functional import (
 from qcflow.kspace.motion import torchio_motion_to_params
 from qcflow.kspace.params import (
     KINDS,
+    OPT_IN_KINDS,
     SHAW2021_KINDS,
+    AnisotropyParams,
     ArtifactParams,
     BiasParams,
     BlurParams,
+    GhostingParams,
     MotionParams,
     NoiseParams,
     SpikeParams,
     WrapParams,
 )
 from qcflow.kspace.pipeline import (
+    add_ghosting,
     add_motion,
     add_noise,
     add_spikes,
+    add_thick_slices,
     apply_artifacts,
     apply_bias,
     lowpass,
     mask_lines,
 )
 from qcflow.kspace.sampler import (
+    AnisotropyRange,
     BiasRange,
     BlurRange,
+    GhostingRange,
     MotionRange,
     NoiseRange,
     RandomArtifacts,
@@ -66,12 +76,17 @@ from qcflow.kspace.sampler import (
 
 __all__ = [
     "KINDS",
+    "OPT_IN_KINDS",
     "SHAW2021_KINDS",
+    "AnisotropyParams",
+    "AnisotropyRange",
     "ArtifactParams",
     "BiasParams",
     "BiasRange",
     "BlurParams",
     "BlurRange",
+    "GhostingParams",
+    "GhostingRange",
     "MotionParams",
     "MotionRange",
     "NoiseParams",
@@ -81,9 +96,11 @@ __all__ = [
     "SpikeRange",
     "WrapParams",
     "WrapRange",
+    "add_ghosting",
     "add_motion",
     "add_noise",
     "add_spikes",
+    "add_thick_slices",
     "apply_artifacts",
     "apply_bias",
     "fft_roundtrip",

@@ -10,20 +10,24 @@ Severity
 Each kind has a severity in ``[0, 1]`` computed from its parameters alone (so it is the same on
 every device and for every image), 0 meaning "no artifact":
 
-========  ================================================================================
-kind      severity
-========  ================================================================================
-spike     ``log10(1 + sum(intensity)) / log10(11)``, clipped: one spike at 10x ``|DC|`` = 1
-noise     ``(30 - snr_db) / 40``, clipped: 30 dB = 0, -10 dB = 1 (the paper's range)
-blur      ``1 - 1 / max(ratio)``: kept fraction of the most truncated axis, 2x = 0.5, 12x = 0.92
-wrap      fraction of the axis' k-space lines removed: ``1 - 1/interval`` or ``1 - keep``
-motion    displacement (mm) of a point 80 mm from the centre, averaged over the phase-encode
-          lines (time) that survive a low-pass along that axis, / 20 mm, clipped
-bias      std of ``log b`` over the ball inscribed in the volume / 0.4, clipped (0.4 is the
-          95th percentile for TorchIO's default coefficients in [-0.5, 0.5], median 0.28)
-========  ================================================================================
+==========  ================================================================================
+kind        severity
+==========  ================================================================================
+spike       ``log10(1 + sum(intensity)) / log10(11)``, clipped: one spike at 10x ``|DC|`` = 1
+noise       ``(30 - snr_db) / 40``, clipped: 30 dB = 0, -10 dB = 1 (the paper's range)
+blur        ``1 - 1 / max(ratio)``: kept fraction of the most truncated axis, 2x = 0.5, 12x = 0.92
+wrap        fraction of the axis' k-space lines removed: ``1 - 1/interval`` or ``1 - keep``
+motion      displacement (mm) of a point 80 mm from the centre, averaged over the phase-encode
+            lines (time) that survive a low-pass along that axis, / 20 mm, clipped
+bias        std of ``log b`` over the ball inscribed in the volume / 0.4, clipped (0.4 is the
+            95th percentile for TorchIO's default coefficients in [-0.5, 0.5], median 0.28)
+ghosting    summed ghost amplitude relative to the image, ``(n - 1) / n * |1 - g|``, clipped
+            (``g = (1 - intensity) e^{i phase}``; the restored k-space centre is ignored):
+            N/2 ghost of fully removed odd lines = 0.5, 8 ghosts at intensity 1 = 0.88
+anisotropy  ``1 - 1 / factor``, as blur: 2x thicker slices = 0.5, 8x = 0.88
+==========  ================================================================================
 
-Length: one concept, the frozen parameter records and their JSON form, one per kind (~420 lines).
+Length: one concept, the frozen parameter records and their JSON form, one per kind (~560 lines).
 """
 
 from __future__ import annotations
@@ -36,9 +40,12 @@ from typing import Any, Literal
 __all__ = [
     "KINDS",
     "SHAW2021_KINDS",
+    "OPT_IN_KINDS",
+    "AnisotropyParams",
     "ArtifactParams",
     "BiasParams",
     "BlurParams",
+    "GhostingParams",
     "MotionParams",
     "NoiseParams",
     "SpikeParams",
@@ -48,9 +55,23 @@ __all__ = [
 ]
 
 #: every kind, in the order the fused pipeline applies them: the bias field multiplies the
-#: object (image domain), then the acquisition: motion, RF spike, thermal noise, and finally
-#: the k-space sampling (low-pass truncation and line masking).
-KINDS: tuple[str, ...] = ("bias", "motion", "spike", "noise", "blur", "wrap")
+#: object (image domain), then the acquisition: motion, phase-encode ghosting, RF spike,
+#: thermal noise, the k-space sampling (low-pass truncation and line masking), and last the
+#: resampling of thick slices back to the grid (image domain, on the reconstructed image).
+KINDS: tuple[str, ...] = (
+    "bias",
+    "motion",
+    "ghosting",
+    "spike",
+    "noise",
+    "blur",
+    "wrap",
+    "anisotropy",
+)
+#: kinds that nothing enables unless asked (``augment=ghosting``, ``augment.anisotropy=true``):
+#: :meth:`~qcflow.kspace.sampler.RandomArtifacts.paper` and the shipped configs leave them off,
+#: and the embedded test set counts ghosting among the kinds no method trains on (issue 17).
+OPT_IN_KINDS: tuple[str, ...] = ("ghosting", "anisotropy")
 #: the kinds of Shaw et al. (MELBA 2021, section 5: spike, noise, low-pass, line masking, with the
 #: MIDL 2019 motion model), in that order: every kind but the bias field. Method B's default
 #: artifact channels, in their channel order.
@@ -346,6 +367,133 @@ class BiasParams:
         return _clip01(_bias_log_std(self.coefficients, self.order) / BIAS_FULL_SEVERITY_STD)
 
 
+@dataclass(frozen=True)
+class GhostingParams:
+    r"""Phase-encode ghosts: every ``period``-th k-space line modulated (N/2 and periodic ghosts).
+
+    Along ``axis`` (signed frequency ``f``, axis length ``N``) the lines with
+    ``f = offset (mod period)`` are multiplied by ``g = (1 - intensity) e^{i phase}``, except
+    the central lines ``|f| <= floor(restore N / 2)`` (``f = 0`` always). The modulation is
+    ``m(f) = 1 + (g - 1) c(f)`` with ``c`` a comb of period ``n = period``; its inverse transform
+    is a comb of ``n`` impulses ``N / n`` apart, so (without the restored centre)
+
+    .. math:: y(x) = x(x) + \frac{g - 1}{n} \sum_{j=0}^{n-1}
+              e^{2 \pi i\, \mathrm{offset}\, j / n}\, x(x - j N / n):
+
+    ``n - 1`` ghost replicas shifted by multiples of FOV/``n`` along ``axis`` only, each of
+    amplitude ``|1 - g| / n``. ``period = 2`` is the Nyquist (N/2) ghost of EPI, where odd and
+    even echoes differ in phase and amplitude (Haacke et al., *Magnetic Resonance Imaging:
+    Physical Principles and Sequence Design*, 1999, ch. 13; Bernstein, King, Zhou, *Handbook of
+    MRI Pulse Sequences*, 2004, sec. 16.1); ``period >= 3`` is the periodic phase-encode ghosting
+    of respiration, pulsation or flow that is periodic in the lines -- TorchIO ``Ghosting``'s
+    model (``num_ghosts = period``, ``offset = -(N // 2) mod period``, ``restore`` as its
+    ``None``; TorchIO keeps the real part, this pipeline the magnitude).
+
+    Args:
+        axis: the phase-encode axis (0, 1, 2) of the ghosts.
+        period: ``n >= 2``, every ``n``-th line is modulated; ghosts are FOV/``n`` apart.
+        intensity: amplitude lost by the modulated lines, in ``[0, 1]`` (1 removes them).
+        phase: phase error of the modulated lines, radians.
+        offset: which lines, ``f = offset (mod period)``, in ``[0, period)``; it sets the phase
+            ``2 pi offset j / n`` of ghost ``j``.
+        restore: fraction of the axis' central lines kept as acquired, in ``[0, 1)``.
+    """
+
+    axis: int
+    period: int = 2
+    intensity: float = 0.5
+    phase: float = 0.0
+    offset: int = 1
+    restore: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("axis", "period", "offset"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("intensity", "phase", "restore"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if self.axis not in (0, 1, 2):
+            raise ValueError(f"ghosting axis must be 0, 1 or 2, got {self.axis}")
+        if self.period < 2:
+            raise ValueError(f"ghosting period must be >= 2, got {self.period}")
+        if not 0.0 <= self.intensity <= 1.0:
+            raise ValueError(f"ghosting intensity must be in [0, 1], got {self.intensity}")
+        if not math.isfinite(self.phase):
+            raise ValueError(f"ghosting phase must be finite, got {self.phase}")
+        if not 0 <= self.offset < self.period:
+            raise ValueError(f"ghosting offset must be in [0, period), got {self.offset}")
+        if not 0.0 <= self.restore < 1.0:
+            raise ValueError(f"ghosting restore must be in [0, 1), got {self.restore}")
+
+    @property
+    def gain(self) -> complex:
+        """``g``, the factor of the modulated lines."""
+        return (1.0 - self.intensity) * complex(math.cos(self.phase), math.sin(self.phase))
+
+    @property
+    def active(self) -> bool:
+        return abs(1.0 - self.gain) > 0.0
+
+    def severity(self) -> float:
+        return _clip01((self.period - 1) / self.period * abs(1.0 - self.gain))
+
+
+@dataclass(frozen=True)
+class AnisotropyParams:
+    r"""Thick-slice (anisotropic) acquisition along one axis, resampled back to the grid.
+
+    A 2-D multi-slice scan acquires contiguous slices of thickness ``t = factor`` voxels along
+    ``axis``; the scanner reconstructs them and the pipeline resamples them to the fine grid.
+    Slice ``s`` covers ``[a_s, a_s + t)`` with ``a_s = -1/2 + (s - offset) t`` (voxel ``i``
+    covers ``[i - 1/2, i + 1/2)``) and its value is the slice-profile average of the object,
+
+    .. math:: v_s = \frac{1}{|S_s|} \int_{S_s} x(z)\, dz \quad (\text{box profile}),
+              \qquad v_s = x(\mathrm{round}(c_s)) \quad (\text{point profile}),
+
+    ``c_s = a_s + t / 2`` its centre and ``x`` piecewise constant over voxels (partial volume);
+    the output is the linear interpolation of ``(c_s, v_s)`` at every voxel, constant beyond the
+    outer centres. In k-space this multiplies the through-plane spectrum by the slice profile's
+    transform ``sinc(t f / N)`` and the interpolation's ``sinc^2(t f / N)`` and aliases it with
+    period ``N / t`` (sampling): through-plane frequencies above ``N / (2 t)`` are lost, in-plane
+    ones are untouched. The box profile is an ideal contiguous slice (Haacke et al. 1999, ch.
+    10; the slice-profile model of super-resolution work, Greenspan, *Comput. J.* 52(1), 2009);
+    ``'point'`` samples thin slices with gaps, TorchIO ``RandomAnisotropy``'s model (nearest
+    downsampling, linear upsampling). The mean line-spread variance is ``t^2 / 4`` (box) and
+    ``t^2 / 6`` (point) voxels^2. Applied to the reconstructed image (magnitude), after every
+    k-space kind, so the thermal noise of each thick slice is interpolated with it.
+
+    Args:
+        axis: the through-plane (slice) axis.
+        factor: slice thickness / voxel size ``>= 1``; 1 is the identity.
+        offset: phase of the slice grid, in ``[0, 1)`` slices.
+        profile: ``'box'`` (contiguous thick slices) or ``'point'`` (thin slices, gaps).
+    """
+
+    axis: int
+    factor: float = 2.0
+    offset: float = 0.0
+    profile: Literal["box", "point"] = "box"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "axis", int(self.axis))
+        object.__setattr__(self, "factor", float(self.factor))
+        object.__setattr__(self, "offset", float(self.offset))
+        if self.axis not in (0, 1, 2):
+            raise ValueError(f"anisotropy axis must be 0, 1 or 2, got {self.axis}")
+        if not self.factor >= 1.0 or not math.isfinite(self.factor):
+            raise ValueError(f"anisotropy factor must be >= 1, got {self.factor}")
+        if not 0.0 <= self.offset < 1.0:
+            raise ValueError(f"anisotropy offset must be in [0, 1), got {self.offset}")
+        if self.profile not in ("box", "point"):
+            raise ValueError(f"anisotropy profile must be 'box' or 'point', got {self.profile!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.factor > 1.0
+
+    def severity(self) -> float:
+        return _clip01(1.0 - 1.0 / self.factor)
+
+
 _PARAM_TYPES: dict[str, type] = {
     "bias": BiasParams,
     "motion": MotionParams,
@@ -353,6 +501,8 @@ _PARAM_TYPES: dict[str, type] = {
     "noise": NoiseParams,
     "blur": BlurParams,
     "wrap": WrapParams,
+    "ghosting": GhostingParams,
+    "anisotropy": AnisotropyParams,
 }
 
 
@@ -382,6 +532,8 @@ class ArtifactParams:
     noise: NoiseParams | None = None
     blur: BlurParams | None = None
     wrap: WrapParams | None = None
+    ghosting: GhostingParams | None = None
+    anisotropy: AnisotropyParams | None = None
 
     @property
     def kinds(self) -> tuple[str, ...]:

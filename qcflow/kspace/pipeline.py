@@ -5,18 +5,20 @@ sample of a batch) in the physical order of an acquisition (DESIGN.md; Shaw et a
 
 1. **bias** -- the smooth receive field multiplies the object (image domain);
 2. **motion** -- the spectrum is spliced from posed copies along the phase-encode axis;
-3. **spike** -- RF spikes are added at single k-space points;
-4. **noise** -- complex white Gaussian noise is added to k-space;
-5. **blur / wrap** -- the acquired lines: low-pass truncation and line masking;
+3. **ghosting** -- every ``n``-th phase-encode line is modulated in amplitude and phase;
+4. **spike** -- RF spikes are added at single k-space points;
+5. **noise** -- complex white Gaussian noise is added to k-space;
+6. **blur / wrap** -- the acquired lines: low-pass truncation and line masking;
 
-then the inverse transform, the magnitude ``|z|`` (so noise is Rician) and a min-max rescale of
-each channel to ``[0, 1]``. Whatever the kinds, there is one forward transform per volume (per
-posed copy for motion) and one inverse (two real inverses -- together the cost of one complex
-inverse -- when the image is complex). The result equals applying the kinds one after another
-in that order, each with its own FFT round trip (tests check this against direct
-implementations); in particular a low-pass along the phase-encode axis discards the outer
-lines that motion corrupted, exactly as truncating a motion-corrupted scan would, and the
-pruned path then never computes them.
+then the inverse transform, the magnitude ``|z|`` (so noise is Rician), the resampling of thick
+slices back to the grid (**anisotropy**, a linear map along one axis of the reconstructed image)
+and a min-max rescale of each channel to ``[0, 1]``. Whatever the kinds, there is one forward
+transform per volume (per posed copy for motion) and one inverse (two real inverses -- together
+the cost of one complex inverse -- when the image is complex). The result equals applying the
+kinds one after another in that order, each with its own FFT round trip (tests check this
+against direct implementations); in particular a low-pass along the phase-encode axis discards
+the outer lines that motion corrupted, exactly as truncating a motion-corrupted scan would, and
+the pruned path then never computes them.
 
 Two execution strategies compute the same result (tests check they agree):
 
@@ -31,7 +33,7 @@ from the parameters' own seeds, so a record replays bit-for-bit on the same devi
 is drawn with a generator on the data's device (CPU and CUDA streams differ, statistics agree).
 
 Length: one concept, the fused pipeline -- every kind's k-space edit between one forward and one
-inverse FFT -- so it stays one module (~600 lines) rather than being split across kinds.
+inverse FFT -- so it stays one module (~750 lines) rather than being split across kinds.
 """
 
 from __future__ import annotations
@@ -61,9 +63,11 @@ from qcflow.kspace.functional import (
 )
 from qcflow.kspace.motion import motion_kspace
 from qcflow.kspace.params import (
+    AnisotropyParams,
     ArtifactParams,
     BiasParams,
     BlurParams,
+    GhostingParams,
     MotionParams,
     NoiseParams,
     SpikeParams,
@@ -71,14 +75,18 @@ from qcflow.kspace.params import (
 )
 
 __all__ = [
+    "add_ghosting",
     "add_motion",
     "add_noise",
     "add_spikes",
+    "add_thick_slices",
     "apply_artifacts",
     "apply_bias",
     "lowpass",
     "mask_lines",
     "plan_supports",
+    "thick_slice",
+    "thick_slice_matrix",
 ]
 
 Strategy = Literal["auto", "pruned", "dense"]
@@ -191,6 +199,51 @@ def _add_spikes(
     return a, b
 
 
+def _signed(f: Tensor, n: int) -> Tensor:
+    # the signed representative of frequency f on a length-n axis, in [-(n // 2), n - n // 2)
+    return (f + n // 2) % n - n // 2
+
+
+def _ghost_gain(f: Tensor, n: int, gh: GhostingParams) -> Tensor:
+    # m(f) of GhostingParams for (signed or half-spectrum) frequencies f, complex128
+    s = _signed(f, n)
+    hit = ((s - gh.offset) % gh.period == 0) & (s.abs() > math.floor(gh.restore * n / 2.0))
+    m = torch.ones(f.shape, dtype=torch.complex128)
+    m[hit] = gh.gain
+    return m
+
+
+def _add_ghosts(
+    a: Tensor, b: Tensor | None, gh: GhostingParams, supports: Sequence[AxisSupport]
+) -> tuple[Tensor, Tensor | None]:
+    """Multiply the spectrum ``Z = A + iB`` by ``m(f)`` along the ghost axis.
+
+    ``A`` and ``B`` are the (Hermitian) spectra of the real and imaginary images; ``m`` splits
+    into ``m_h(f) = (m(f) + conj(m(-f))) / 2`` and ``m_a = m - m_h``, and ``mZ`` has real-image
+    spectrum ``m_h A + i m_a B`` and imaginary-image spectrum ``m_h B - i m_a A``.
+    """
+    sup = supports[gh.axis]
+    f = sup.freqs("cpu")
+    m, mneg = _ghost_gain(f, sup.n, gh), _ghost_gain(-f, sup.n, gh)
+    mh, ma = 0.5 * (m + mneg.conj()), 0.5 * (m - mneg.conj())
+    view = [1, 1, 1, 1]
+    view[gh.axis + 1] = -1  # a: (C, K_D, K_H, K_W)
+    mh = mh.to(device=a.device, dtype=torch.complex64).view(view)
+    # ``a`` is edited in place: the dense path's spectrum is a view of the batch's
+    if bool((ma == 0).all()):
+        a.mul_(mh)
+        return a, None if b is None else b.mul_(mh)
+    ma = ma.to(device=a.device, dtype=torch.complex64).view(view)
+    if b is None:
+        b = -1j * ma * a
+        a.mul_(mh)
+        return a, b
+    new_a = a * mh + 1j * ma * b
+    b = b * mh - 1j * ma * a
+    a.copy_(new_a)
+    return a, b
+
+
 def _kspace_noise(
     shape: Sequence[int],
     n_voxels: int,
@@ -247,8 +300,11 @@ def _all_kept(supports: Sequence[AxisSupport]) -> bool:
 
 
 def _needs_kspace(params: ArtifactParams, supports: Sequence[AxisSupport]) -> bool:
-    # bias and noise alone (no masked line) are image-domain operations: no FFT at all
-    return params.motion is not None or params.spike is not None or not _all_kept(supports)
+    # bias, noise (no masked line) and anisotropy are image-domain operations: no FFT at all
+    ghosts = params.ghosting is not None and params.ghosting.active
+    return (
+        params.motion is not None or params.spike is not None or ghosts or not _all_kept(supports)
+    )
 
 
 def _sigma(params: ArtifactParams, mu: Tensor | None) -> Tensor | None:
@@ -277,12 +333,15 @@ def _kspace_edits(
     noise_supports: Sequence[AxisSupport] | None = None,
     scatter: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Spike, then k-space noise (if ``sigma``), in place on ``a`` (and ``b``, made if needed).
+    """Ghosting, spike, then k-space noise (if ``sigma``) on ``a`` (and ``b``, made if needed).
 
     ``a``/``b`` ``(C, ...)`` hold the entries kept by ``supports``. The noise is always drawn on
     the kept entries of ``noise_supports`` (default ``supports``) so both strategies draw the
     same realisation; ``scatter`` (full-grid index per axis) places it in a dense spectrum.
     """
+    ghosting: GhostingParams | None = params.ghosting
+    if ghosting is not None and ghosting.active:
+        a, b = _add_ghosts(a, b, ghosting, supports)
     if params.spike is not None:
         a, b = _add_spikes(a, b, params.spike, supports)
     if sigma is None:
@@ -308,6 +367,49 @@ def _kspace_edits(
     return a, b
 
 
+def thick_slice_matrix(n: int, aniso: AnisotropyParams) -> Tensor:
+    """The ``(n, n)`` float64 map of :class:`AnisotropyParams` along its axis: ``y = L x``.
+
+    ``L = I P``: ``P`` ``(S, n)`` averages each slice's voxels by their overlap with the slice
+    (box) or picks the voxel at its centre (point); ``I`` ``(n, S)`` interpolates the slice
+    values linearly at the voxel centres (constant beyond the outer slice centres).
+    """
+    t, o = aniso.factor, aniso.offset
+    count = math.ceil((n + o * t) / t)
+    lo = -0.5 + (torch.arange(count, dtype=torch.float64) - o) * t  # (S,) slice starts
+    centre = lo + t / 2.0
+    vox = torch.arange(n, dtype=torch.float64)
+    if aniso.profile == "box":
+        overlap = torch.minimum(lo[:, None] + t, vox[None, :] + 0.5) - torch.maximum(
+            lo[:, None], vox[None, :] - 0.5
+        )
+        prof = overlap.clamp_min(0.0)
+        prof = prof / prof.sum(1, keepdim=True)  # (S, n): partial-volume average inside the FOV
+    else:
+        prof = torch.zeros(count, n, dtype=torch.float64)
+        prof[torch.arange(count), torch.round(centre).clamp(0, n - 1).long()] = 1.0
+    pos = ((vox - centre[0]) / t).clamp(0.0, count - 1.0)  # voxel position in slice units
+    left = pos.floor().long().clamp_max(count - 1)
+    right = (left + 1).clamp_max(count - 1)
+    w = pos - left.to(torch.float64)
+    interp = torch.zeros(n, count, dtype=torch.float64)  # (n, S)
+    interp[torch.arange(n), left] += 1.0 - w
+    interp[torch.arange(n), right] += w
+    return interp @ prof
+
+
+def thick_slice(x: Tensor, aniso: AnisotropyParams) -> Tensor:
+    """Apply :class:`AnisotropyParams` to ``x`` ``(..., D, H, W)`` (real or complex)."""
+    if not aniso.active:
+        return x
+    dim = x.ndim - 3 + aniso.axis
+    mat = thick_slice_matrix(x.shape[dim], aniso).to(device=x.device, dtype=torch.float32)
+    if x.is_complex():
+        return torch.complex(thick_slice(x.real, aniso), thick_slice(x.imag, aniso))
+    y = torch.movedim(x, dim, -1) @ mat.T
+    return torch.movedim(y, -1, dim).contiguous()
+
+
 def _finish(
     re: Tensor,
     im: Tensor | None,
@@ -316,16 +418,24 @@ def _finish(
     rescale: bool,
     complex_out: bool,
     shape: Sequence[int],
+    aniso: AnisotropyParams | None = None,
 ) -> Tensor:
-    # (folded) real and imaginary images -> magnitude (rescaled) or complex, full size
+    # (folded) real and imaginary images -> magnitude (rescaled) or complex, full size; the
+    # thick slices are resampled on the full-size reconstruction
+    aniso = aniso if aniso is not None and aniso.active else None
     if complex_out:
         z = torch.complex(re, torch.zeros_like(re) if im is None else im)
-        return expand_folded(z, supports, pads)
+        z = expand_folded(z, supports, pads)
+        return z if aniso is None else thick_slice(z, aniso)
     mag = re.abs() if im is None else torch.hypot(re, im)
-    early = all(s.period == 1 or s.length <= shape[i] for i, s in enumerate(supports))
+    early = aniso is None and all(
+        s.period == 1 or s.length <= shape[i] for i, s in enumerate(supports)
+    )
     if rescale and early:  # every folded position appears in the crop: rescale the small array
         rescale01(mag)
     out = expand_folded(mag, supports, pads)
+    if aniso is not None:
+        out = thick_slice(out, aniso)
     if rescale and not early:
         rescale01(out)
     return out
@@ -371,7 +481,7 @@ def _apply_pruned(
         im = None if b is None else crop_unfolded(inverse_pruned(b, supports), supports, pads)
     if image_noise:
         re, im = _image_noise(re, im, sigma, params.noise.seed)  # type: ignore[arg-type,union-attr]
-    return _finish(re, im, supports, pads, rescale, complex_out, shape)
+    return _finish(re, im, supports, pads, rescale, complex_out, shape, params.anisotropy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,7 +567,7 @@ def _apply_dense(
         im = im_stack[keys.index(j)] if j in imag else None  # type: ignore[index]
         if j in image_noise:
             r, im = _image_noise(r, im, sigmas[j], params[i].noise.seed)  # type: ignore[arg-type,union-attr]
-        out[i] = _finish(r, im, unpadded, nopad, rescale, complex_out, shape)
+        out[i] = _finish(r, im, unpadded, nopad, rescale, complex_out, shape, params[i].anisotropy)
     return out
 
 
@@ -585,6 +695,22 @@ def mask_lines(
     return apply_artifacts(x, ArtifactParams(wrap=p), **kwargs)
 
 
+def add_ghosting(
+    x: Tensor,
+    axis: int,
+    period: int = 2,
+    intensity: float = 0.5,
+    phase: float = 0.0,
+    offset: int = 1,
+    restore: float = 0.0,
+    **kwargs,
+) -> Tensor:
+    """Phase-encode ghosts alone (see :class:`GhostingParams`); magnitude, not rescaled."""
+    kwargs.setdefault("rescale", False)
+    p = GhostingParams(axis, period, intensity, phase, offset, restore)
+    return apply_artifacts(x, ArtifactParams(ghosting=p), **kwargs)
+
+
 def add_motion(
     x: Tensor,
     times: Sequence[float],
@@ -597,6 +723,20 @@ def add_motion(
     kwargs.setdefault("rescale", False)
     p = MotionParams(tuple(times), tuple(degrees), tuple(translation), pe_axis)  # type: ignore[arg-type]
     return apply_artifacts(x, ArtifactParams(motion=p), **kwargs)
+
+
+def add_thick_slices(
+    x: Tensor,
+    axis: int,
+    factor: float,
+    offset: float = 0.0,
+    profile: Literal["box", "point"] = "box",
+    **kwargs,
+) -> Tensor:
+    """Thick-slice acquisition alone (see :class:`AnisotropyParams`); not rescaled."""
+    kwargs.setdefault("rescale", False)
+    p = AnisotropyParams(axis, factor, offset, profile)
+    return apply_artifacts(x, ArtifactParams(anisotropy=p), **kwargs)
 
 
 def apply_bias(x: Tensor, coefficients: Sequence[float], order: int = 3, **kwargs) -> Tensor:

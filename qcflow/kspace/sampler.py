@@ -22,7 +22,7 @@ epoch, so workers and epochs differ yet ``torch.manual_seed`` reproduces a run),
 Lightning's ``seed_everything``). Same seed, same parameters, same image.
 
 Length: one concept, ranges -> parameter records, one range class per kind and the sampler that
-draws them together (~580 lines).
+draws them together (~680 lines).
 """
 
 from __future__ import annotations
@@ -39,9 +39,12 @@ from torch import Tensor
 
 from qcflow.kspace.params import (
     KINDS,
+    OPT_IN_KINDS,
+    AnisotropyParams,
     ArtifactParams,
     BiasParams,
     BlurParams,
+    GhostingParams,
     MotionParams,
     NoiseParams,
     SpikeParams,
@@ -50,8 +53,10 @@ from qcflow.kspace.params import (
 from qcflow.kspace.pipeline import Strategy, apply_artifacts
 
 __all__ = [
+    "AnisotropyRange",
     "BiasRange",
     "BlurRange",
+    "GhostingRange",
     "MotionRange",
     "NoiseRange",
     "RandomArtifacts",
@@ -286,6 +291,84 @@ class BiasRange:
         return BiasParams(tuple(d.uniforms(*self.coefficients, n).tolist()), self.order)
 
 
+@dataclass(frozen=True)
+class GhostingRange:
+    """Ranges of :class:`GhostingParams` (opt-in: no shipped config enables it).
+
+    Defaults: ``period`` 2-8 -- 2 is the N/2 (Nyquist) ghost of EPI, 3-8 the periodic
+    phase-encode ghosts of respiration, pulsation and flow (TorchIO ``RandomGhosting``: 4-10);
+    ``intensity`` 0.2-1 (TorchIO: 0.5-1), so one ghost carries 2.5 % (8 ghosts at 0.2) to 50 %
+    (an N/2 ghost at 1) of the image's amplitude, the span from a faint to a gross ghost;
+    ``phase`` 0 (TorchIO's amplitude-only model; an odd/even echo phase error of ``phi`` gives
+    an N/2 ghost of amplitude ``sin(phi / 2)``); ``offset`` uniform in ``[0, period)``;
+    ``restore`` 0 (only the centre line kept, TorchIO's default).
+    """
+
+    p: float = 1.0
+    period: tuple[int, int] = (2, 8)
+    intensity: tuple[float, float] = (0.2, 1.0)
+    phase: tuple[float, float] = (0.0, 0.0)
+    restore: tuple[float, float] = (0.0, 0.0)
+    axes: tuple[int, ...] = (0, 1, 2)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "p", _prob(self.p, "ghosting.p"))
+        object.__setattr__(self, "period", _int_pair(self.period, "ghosting.period"))
+        object.__setattr__(self, "intensity", _pair(self.intensity, "ghosting.intensity", False))
+        object.__setattr__(self, "phase", _pair(self.phase, "ghosting.phase"))
+        object.__setattr__(self, "restore", _pair(self.restore, "ghosting.restore", False))
+        object.__setattr__(self, "axes", _axes(self.axes, "ghosting.axes"))
+        if self.period[0] < 2:
+            raise ValueError(f"ghosting.period must be >= 2, got {self.period}")
+        if not 0.0 <= self.intensity[0] <= self.intensity[1] <= 1.0:
+            raise ValueError(f"ghosting.intensity must lie in [0, 1], got {self.intensity}")
+        if not 0.0 <= self.restore[0] <= self.restore[1] < 1.0:
+            raise ValueError(f"ghosting.restore must lie in [0, 1), got {self.restore}")
+
+    def sample(self, d: _Draw) -> GhostingParams:
+        axis = d.choice(self.axes)
+        period = d.integer(*self.period)
+        return GhostingParams(
+            axis=axis,
+            period=period,
+            intensity=d.uniform(*self.intensity),
+            phase=d.uniform(*self.phase),
+            offset=d.integer(0, period - 1),
+            restore=d.uniform(*self.restore),
+        )
+
+
+@dataclass(frozen=True)
+class AnisotropyRange:
+    """Ranges of :class:`AnisotropyParams` (opt-in: no shipped config enables it).
+
+    Defaults: ``factor`` 2-8, slice thickness over voxel size -- 2-8 mm slices on a 1 mm grid,
+    the span of clinical 2-D T1w/T2w/FLAIR protocols (3-6 mm typical; TorchIO
+    ``RandomAnisotropy``: 1.5-5); the slice grid's ``offset`` uniform; ``profile`` ``'box'``
+    (contiguous slices; ``'point'`` is TorchIO's thin slices with gaps).
+    """
+
+    p: float = 1.0
+    factor: tuple[float, float] = (2.0, 8.0)
+    axes: tuple[int, ...] = (0, 1, 2)
+    profile: Literal["box", "point"] = "box"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "p", _prob(self.p, "anisotropy.p"))
+        object.__setattr__(self, "factor", _pair(self.factor, "anisotropy.factor", False))
+        object.__setattr__(self, "axes", _axes(self.axes, "anisotropy.axes"))
+        if self.factor[0] < 1.0:
+            raise ValueError(f"anisotropy.factor must be >= 1, got {self.factor}")
+        if self.profile not in ("box", "point"):
+            raise ValueError(f"anisotropy.profile must be 'box' or 'point', got {self.profile!r}")
+
+    def sample(self, d: _Draw) -> AnisotropyParams:
+        axis = d.choice(self.axes)
+        factor = d.uniform(*self.factor)
+        offset = min(d.uniform(0.0, 1.0), 1.0 - 1e-9)
+        return AnisotropyParams(axis=axis, factor=factor, offset=offset, profile=self.profile)
+
+
 _RANGES: dict[str, type] = {
     "spike": SpikeRange,
     "noise": NoiseRange,
@@ -293,6 +376,8 @@ _RANGES: dict[str, type] = {
     "wrap": WrapRange,
     "motion": MotionRange,
     "bias": BiasRange,
+    "ghosting": GhostingRange,
+    "anisotropy": AnisotropyRange,
 }
 
 
@@ -329,6 +414,8 @@ STRENGTH_FIELDS: dict[tuple[str, str], int] = {
     ("motion", "degrees"): 0,
     ("motion", "translation"): 0,
     ("bias", "coefficients"): 0,
+    ("ghosting", "intensity"): -1,
+    ("anisotropy", "factor"): -1,
 }
 
 
@@ -408,9 +495,11 @@ class RandomArtifacts:
 
     Args:
         rate: probability that an image gets any artifact (paper: ~0.5).
-        spike, noise, blur, wrap, motion, bias: ``None``/``False`` disables the kind; ``True``
-            uses the default ranges; a mapping sets :class:`SpikeRange` etc. fields (e.g.
-            ``noise={"snr_db": [0, 20], "p": 0.5}``).
+        spike, noise, blur, wrap, motion, bias, ghosting, anisotropy: ``None``/``False``
+            disables the kind; ``True`` uses the default ranges; a mapping sets
+            :class:`SpikeRange` etc. fields (e.g. ``noise={"snr_db": [0, 20], "p": 0.5}``).
+            Ghosting and anisotropy (:data:`~qcflow.kspace.params.OPT_IN_KINDS`) are off
+            unless given.
         spacing: voxel size (mm) used when applying (motion translations are in mm); callers
             that know the image's spacing pass it to :meth:`__call__`.
         pad_to_smooth, rescale, strategy: passed to
@@ -438,6 +527,8 @@ class RandomArtifacts:
         wrap: Any = None,
         motion: Any = None,
         bias: Any = None,
+        ghosting: Any = None,
+        anisotropy: Any = None,
         spacing: Sequence[float] = (1.0, 1.0, 1.0),
         pad_to_smooth: bool = True,
         rescale: bool = True,
@@ -454,6 +545,8 @@ class RandomArtifacts:
             "wrap": wrap,
             "motion": motion,
             "bias": bias,
+            "ghosting": ghosting,
+            "anisotropy": anisotropy,
         }
         self.ranges: dict[str, Any] = {k: _parse_kind(k, v) for k, v in given.items()}
         self.spacing = tuple(float(s) for s in spacing)
@@ -474,9 +567,10 @@ class RandomArtifacts:
 
     @classmethod
     def paper(cls, rate: float = 0.5, **kwargs: Any) -> RandomArtifacts:
-        """All six kinds with the default (paper) ranges."""
+        """The six kinds of the papers (all but :data:`OPT_IN_KINDS`), default ranges."""
         for k in _RANGES:
-            kwargs.setdefault(k, True)
+            if k not in OPT_IN_KINDS:
+                kwargs.setdefault(k, True)
         return cls(rate=rate, **kwargs)
 
     def with_ranges(self, ranges: Mapping[str, Any]) -> RandomArtifacts:

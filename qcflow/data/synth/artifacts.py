@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from qcflow.data.synth.anatomy import rotation
-from qcflow.kspace import KINDS
+from qcflow.kspace import KINDS, OPT_IN_KINDS
 
 if TYPE_CHECKING:
     from qcflow.data.synth.acquisition import Cohort
@@ -67,9 +67,12 @@ ARTIFACT_KINDS: tuple[str, ...] = (
     "t2_contrast",
 )
 
-#: the embedded kinds that :data:`qcflow.kspace.KINDS` does not simulate: no method trains on
-#: them (``ghosting``, ``missing_side``, ``misregistration``, ``t2_contrast``)
-UNSIMULATED_KINDS: tuple[str, ...] = tuple(k for k in ARTIFACT_KINDS if k not in KINDS)
+#: the embedded kinds that no method trains on: not in :data:`qcflow.kspace.KINDS`, or opt-in
+#: there (:data:`qcflow.kspace.OPT_IN_KINDS`, which no shipped config enables) -- ``ghosting``,
+#: ``missing_side``, ``misregistration``, ``t2_contrast``
+UNSIMULATED_KINDS: tuple[str, ...] = tuple(
+    k for k in ARTIFACT_KINDS if k not in KINDS or k in OPT_IN_KINDS
+)
 #: the kinds applied by TorchIO's deterministic transforms (:func:`apply_torchio`)
 TORCHIO_KINDS: tuple[str, ...] = ("motion", "ghosting", "spike")
 
