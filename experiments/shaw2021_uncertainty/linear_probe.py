@@ -15,7 +15,8 @@ network on each patch and fits four probes on scans 0..0.6N-1, tested on the res
 
 Prints the test accuracy (chance 1/6) and the recall per kind. For a network with a patch-context
 branch trained with the kind-presence loss (``model.context``,
-``uncertainty.module.kind_aux_weight``) it also prints that classifier's own mean presence probability per true kind on all patches.
+``uncertainty.module.kind_aux_weight``) it also prints that classifier's own mean presence
+probability per true kind on all patches.
 """
 
 from __future__ import annotations
