@@ -22,7 +22,7 @@ from qcflow.kspace import (
     add_thick_slices,
     apply_artifacts,
 )
-from qcflow.kspace.pipeline import thick_slice_matrix
+from qcflow.kspace.slices import thick_slice_matrix
 from tests.test_kspace import phantom
 
 SHAPE = (32, 40, 36)  # 2/3/5-smooth: no padding, so TorchIO sees the same grid

@@ -21,7 +21,9 @@ Modules:
     functional: FFT primitives -- smooth sizes, pruned half-spectrum transforms, SNR, bias field.
     params: explicit per-kind parameters and the JSON record (kinds, parameters, severity).
     motion: the Shaw et al. 2019 rigid-motion model, batched resampling, TorchIO conversion.
-    pipeline: the fused pipeline :func:`apply_artifacts` and single-kind helpers.
+    pipeline: the fused pipeline :func:`apply_artifacts`.
+    single: one kind at a time (``add_noise``, ``add_ghosting``...), through the pipeline.
+    slices: the thick-slice (anisotropic) acquisition map.
     sampler: :class:`RandomArtifacts` (config ranges, probabilities, seeding).
     torchio_adapter: TorchIO transforms (imported lazily: ``qcflow.kspace.torchio_adapter``).
     lightning: the batched accelerator path (``qcflow.kspace.lightning``).
@@ -51,17 +53,7 @@ from qcflow.kspace.params import (
     SpikeParams,
     WrapParams,
 )
-from qcflow.kspace.pipeline import (
-    add_ghosting,
-    add_motion,
-    add_noise,
-    add_spikes,
-    add_thick_slices,
-    apply_artifacts,
-    apply_bias,
-    lowpass,
-    mask_lines,
-)
+from qcflow.kspace.pipeline import apply_artifacts
 from qcflow.kspace.sampler import (
     AnisotropyRange,
     BiasRange,
@@ -72,6 +64,16 @@ from qcflow.kspace.sampler import (
     RandomArtifacts,
     SpikeRange,
     WrapRange,
+)
+from qcflow.kspace.single import (
+    add_ghosting,
+    add_motion,
+    add_noise,
+    add_spikes,
+    add_thick_slices,
+    apply_bias,
+    lowpass,
+    mask_lines,
 )
 
 __all__ = [

@@ -68,25 +68,15 @@ from qcflow.kspace.params import (
     BiasParams,
     BlurParams,
     GhostingParams,
-    MotionParams,
     NoiseParams,
     SpikeParams,
     WrapParams,
 )
+from qcflow.kspace.slices import thick_slice
 
 __all__ = [
-    "add_ghosting",
-    "add_motion",
-    "add_noise",
-    "add_spikes",
-    "add_thick_slices",
     "apply_artifacts",
-    "apply_bias",
-    "lowpass",
-    "mask_lines",
     "plan_supports",
-    "thick_slice",
-    "thick_slice_matrix",
 ]
 
 Strategy = Literal["auto", "pruned", "dense"]
@@ -367,49 +357,6 @@ def _kspace_edits(
     return a, b
 
 
-def thick_slice_matrix(n: int, aniso: AnisotropyParams) -> Tensor:
-    """The ``(n, n)`` float64 map of :class:`AnisotropyParams` along its axis: ``y = L x``.
-
-    ``L = I P``: ``P`` ``(S, n)`` averages each slice's voxels by their overlap with the slice
-    (box) or picks the voxel at its centre (point); ``I`` ``(n, S)`` interpolates the slice
-    values linearly at the voxel centres (constant beyond the outer slice centres).
-    """
-    t, o = aniso.factor, aniso.offset
-    count = math.ceil((n + o * t) / t)
-    lo = -0.5 + (torch.arange(count, dtype=torch.float64) - o) * t  # (S,) slice starts
-    centre = lo + t / 2.0
-    vox = torch.arange(n, dtype=torch.float64)
-    if aniso.profile == "box":
-        overlap = torch.minimum(lo[:, None] + t, vox[None, :] + 0.5) - torch.maximum(
-            lo[:, None], vox[None, :] - 0.5
-        )
-        prof = overlap.clamp_min(0.0)
-        prof = prof / prof.sum(1, keepdim=True)  # (S, n): partial-volume average inside the FOV
-    else:
-        prof = torch.zeros(count, n, dtype=torch.float64)
-        prof[torch.arange(count), torch.round(centre).clamp(0, n - 1).long()] = 1.0
-    pos = ((vox - centre[0]) / t).clamp(0.0, count - 1.0)  # voxel position in slice units
-    left = pos.floor().long().clamp_max(count - 1)
-    right = (left + 1).clamp_max(count - 1)
-    w = pos - left.to(torch.float64)
-    interp = torch.zeros(n, count, dtype=torch.float64)  # (n, S)
-    interp[torch.arange(n), left] += 1.0 - w
-    interp[torch.arange(n), right] += w
-    return interp @ prof
-
-
-def thick_slice(x: Tensor, aniso: AnisotropyParams) -> Tensor:
-    """Apply :class:`AnisotropyParams` to ``x`` ``(..., D, H, W)`` (real or complex)."""
-    if not aniso.active:
-        return x
-    dim = x.ndim - 3 + aniso.axis
-    mat = thick_slice_matrix(x.shape[dim], aniso).to(device=x.device, dtype=torch.float32)
-    if x.is_complex():
-        return torch.complex(thick_slice(x.real, aniso), thick_slice(x.imag, aniso))
-    y = torch.movedim(x, dim, -1) @ mat.T
-    return torch.movedim(y, -1, dim).contiguous()
-
-
 def _finish(
     re: Tensor,
     im: Tensor | None,
@@ -648,98 +595,3 @@ def apply_artifacts(
     for _ in range(squeeze):
         out = out[0]
     return out
-
-
-def add_spikes(
-    x: Tensor,
-    positions: Sequence[Sequence[float]],
-    intensity: float | Sequence[float],
-    phase: Sequence[float] = (),
-    **kwargs,
-) -> Tensor:
-    """RF spike(s) alone (see :class:`SpikeParams`); ``kwargs`` go to :func:`apply_artifacts`.
-
-    Not rescaled unless ``rescale=True`` is passed.
-    """
-    inten = [float(intensity)] * len(positions) if isinstance(intensity, int | float) else intensity
-    p = ArtifactParams(spike=SpikeParams(tuple(positions), tuple(inten), tuple(phase)))
-    kwargs.setdefault("rescale", False)
-    return apply_artifacts(x, p, **kwargs)
-
-
-def add_noise(x: Tensor, snr_db: float, seed: int = 0, **kwargs) -> Tensor:
-    """Complex k-space noise at ``snr_db`` (see :class:`NoiseParams`); magnitude, not rescaled."""
-    kwargs.setdefault("rescale", False)
-    return apply_artifacts(x, ArtifactParams(noise=NoiseParams(snr_db, seed)), **kwargs)
-
-
-def lowpass(x: Tensor, ratio: float | Sequence[float], **kwargs) -> Tensor:
-    """k-space truncation with downsampling ratio(s) (see :class:`BlurParams`); not rescaled."""
-    r = (float(ratio),) * 3 if isinstance(ratio, int | float) else tuple(ratio)
-    kwargs.setdefault("rescale", False)
-    return apply_artifacts(x, ArtifactParams(blur=BlurParams(r)), **kwargs)  # type: ignore[arg-type]
-
-
-def mask_lines(
-    x: Tensor,
-    axis: int,
-    interval: int = 2,
-    mode: Literal["regular", "random"] = "regular",
-    keep_fraction: float = 1.0,
-    seed: int = 0,
-    **kwargs,
-) -> Tensor:
-    """Line masking along ``axis`` (see :class:`WrapParams`); not rescaled."""
-    kwargs.setdefault("rescale", False)
-    p = WrapParams(axis=axis, mode=mode, interval=interval, keep_fraction=keep_fraction, seed=seed)
-    return apply_artifacts(x, ArtifactParams(wrap=p), **kwargs)
-
-
-def add_ghosting(
-    x: Tensor,
-    axis: int,
-    period: int = 2,
-    intensity: float = 0.5,
-    phase: float = 0.0,
-    offset: int = 1,
-    restore: float = 0.0,
-    **kwargs,
-) -> Tensor:
-    """Phase-encode ghosts alone (see :class:`GhostingParams`); magnitude, not rescaled."""
-    kwargs.setdefault("rescale", False)
-    p = GhostingParams(axis, period, intensity, phase, offset, restore)
-    return apply_artifacts(x, ArtifactParams(ghosting=p), **kwargs)
-
-
-def add_motion(
-    x: Tensor,
-    times: Sequence[float],
-    degrees: Sequence[Sequence[float]],
-    translation: Sequence[Sequence[float]],
-    pe_axis: int = 2,
-    **kwargs,
-) -> Tensor:
-    """Motion artifact alone (see :class:`MotionParams`); magnitude, not rescaled."""
-    kwargs.setdefault("rescale", False)
-    p = MotionParams(tuple(times), tuple(degrees), tuple(translation), pe_axis)  # type: ignore[arg-type]
-    return apply_artifacts(x, ArtifactParams(motion=p), **kwargs)
-
-
-def add_thick_slices(
-    x: Tensor,
-    axis: int,
-    factor: float,
-    offset: float = 0.0,
-    profile: Literal["box", "point"] = "box",
-    **kwargs,
-) -> Tensor:
-    """Thick-slice acquisition alone (see :class:`AnisotropyParams`); not rescaled."""
-    kwargs.setdefault("rescale", False)
-    p = AnisotropyParams(axis, factor, offset, profile)
-    return apply_artifacts(x, ArtifactParams(anisotropy=p), **kwargs)
-
-
-def apply_bias(x: Tensor, coefficients: Sequence[float], order: int = 3, **kwargs) -> Tensor:
-    """Bias field alone (see :class:`BiasParams`); not rescaled."""
-    kwargs.setdefault("rescale", False)
-    return apply_artifacts(x, ArtifactParams(bias=BiasParams(tuple(coefficients), order)), **kwargs)
