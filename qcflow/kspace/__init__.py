@@ -24,7 +24,8 @@ Modules:
     pipeline: the fused pipeline :func:`apply_artifacts`.
     single: one kind at a time (``add_noise``, ``add_ghosting``...), through the pipeline.
     slices: the thick-slice (anisotropic) acquisition map.
-    sampler: :class:`RandomArtifacts` (config ranges, probabilities, seeding).
+    ranges: one strength-range class per kind, and their interpolation.
+    sampler: :class:`RandomArtifacts` (which kinds, probabilities, seeding).
     torchio_adapter: TorchIO transforms (imported lazily: ``qcflow.kspace.torchio_adapter``).
     lightning: the batched accelerator path (``qcflow.kspace.lightning``).
 """
