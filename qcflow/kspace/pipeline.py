@@ -33,7 +33,8 @@ from the parameters' own seeds, so a record replays bit-for-bit on the same devi
 is drawn with a generator on the data's device (CPU and CUDA streams differ, statistics agree).
 
 Length: one concept, the fused pipeline -- every kind's k-space edit between one forward and one
-inverse FFT -- so it stays one module (~750 lines) rather than being split across kinds.
+inverse FFT -- so it stays one module (~600 lines; the one-kind wrappers are in ``single``, the
+thick-slice map in ``slices``).
 """
 
 from __future__ import annotations
