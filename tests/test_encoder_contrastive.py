@@ -179,14 +179,17 @@ def test_retired_extensions_load_at_the_paper_value_and_refuse_otherwise(tmp_pat
     ckpt = {"state_dict": module.state_dict(), "hyper_parameters": legacy,
             "pytorch-lightning_version": pl.__version__}  # fmt: skip
     torch.save(ckpt, tmp_path / "old.ckpt")
-    loaded = ContrastiveEncoder.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=False)
+    from qcflow.errors import BadFileError
+    from qcflow.utils.bundles import load_checkpoint  # the loader qcflow uses (weights_only)
+
+    loaded = load_checkpoint(ContrastiveEncoder, tmp_path / "old.ckpt", "encoder checkpoint")
     for key, value in module.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
     with pytest.raises(ValueError, match="retired"):
         ContrastiveEncoder(encoder={"latent_dim": 2, "fourier": True, **TINY})
     torch.save({**ckpt, "hyper_parameters": {**legacy, "normalize": True}}, tmp_path / "c.ckpt")
-    with pytest.raises(ValueError, match="retired"):
-        ContrastiveEncoder.load_from_checkpoint(tmp_path / "c.ckpt", weights_only=False)
+    with pytest.raises(BadFileError, match="retired"):
+        load_checkpoint(ContrastiveEncoder, tmp_path / "c.ckpt", "encoder checkpoint")
 
 
 def test_encoder_ensemble_concatenates_member_codes(volumes) -> None:

@@ -187,9 +187,11 @@ class UncertaintySeg(pl.LightningModule):
         """
         from qcflow.lit.uncertainty.legacy import checkpoint_arguments
 
+        if weights_only is not True:  # never unpickle, whatever a caller or the environment says
+            raise ValueError("qcflow loads checkpoints with weights_only=True only")
         seekable = hasattr(checkpoint_path, "seek")
         start = checkpoint_path.tell() if seekable else 0  # type: ignore[union-attr]
-        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=weights_only)
+        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         if not isinstance(ckpt, Mapping):
             raise ValueError("not a Lightning checkpoint (no dictionary)")
         role, args = checkpoint_arguments(ckpt.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {})
@@ -204,7 +206,7 @@ class UncertaintySeg(pl.LightningModule):
             map_location=map_location,
             hparams_file=hparams_file,
             strict=strict,
-            weights_only=weights_only,
+            weights_only=True,
             **{**args, **kwargs},
         )
 
