@@ -33,9 +33,6 @@ PAPER = {
     "hce_task_var": "own",
     "task_var_lr_mult": 1.0,
     "artifact_lr_mult": 1.0,
-    "absent_kind_var": "free",
-    "kind_aux_weight": 0.0,
-    "context_lr_mult": 1.0,
 }
 
 
@@ -56,7 +53,7 @@ def stage(
     if role == "teacher":
         node.update(PAPER, kind=(kinds or ["noise"])[0])
     elif role == "student":
-        node.update(PAPER, kinds=kinds or KINDS, student_targets="corrupted")
+        node.update(PAPER, kinds=kinds or KINDS, absent_kind_var="free")
     cls = get_class(node.pop("_target_"))
     node = {k: v for k, v in node.items() if not k.startswith("_")}  # Hydra's own keys
     return cls(**{**node, **kw})
@@ -114,8 +111,8 @@ def test_each_role_takes_only_its_own_arguments_and_missing_frozen_stages() -> N
         stage("teacher", kind=["noise", "blur"])
     with pytest.raises(TypeError, match="hce_task_var"):  # a task has no artifact channels
         stage("task", hce_task_var="own")
-    with pytest.raises(TypeError, match="student_targets"):
-        stage("teacher", student_targets="corrupted")
+    with pytest.raises(TypeError, match="absent_kind_var"):  # a teacher's is free
+        stage("teacher", absent_kind_var="zero")
     with pytest.raises(TypeError, match="kind"):
         stage("task", kind="noise")
     m = stage("student", ["noise"], task_net=_task_net())
@@ -279,30 +276,28 @@ class _EchoTeacher(torch.nn.Module):
         return torch.cat([x, -x], dim=1), log_var
 
 
-def test_student_own_kind_targets_show_teacher_i_the_clean_patch_without_kind_i() -> None:
+def test_student_targets_are_teacher_i_on_the_input_or_zero_where_kind_i_is_absent() -> None:
     batch = _batch(b=3)
     kinds_per_sample = [["noise"], [], ["blur", "noise"]]
     teachers = {k: _EchoTeacher() for k in KINDS}
     args = dict(task_net=_task_net(), teacher_nets=teachers)
-    own = stage("student", KINDS, student_targets="own_kind", **args)
-    present = own.kinds_present({**batch, "artifact_kinds": kinds_per_sample})
+    zero = stage("student", KINDS, absent_kind_var="zero", **args)
+    present = zero.kinds_present({**batch, "artifact_kinds": kinds_per_sample})
     assert present.tolist() == [[k in ks for k in KINDS] for ks in kinds_per_sample]
-    ref = own.reference_variances(batch["image"], batch["image_clean"], present)
+    ref = zero.reference_variances(batch["image"], batch["image_clean"], present)
     assert ref.shape == (3, 6, 8, 8, 8)
     for c, kind in enumerate(KINDS, start=1):
         for b, applied in enumerate(kinds_per_sample):
-            seen = batch["image"][b] if kind in applied else batch["image_clean"][b]
-            torch.testing.assert_close(ref[b, c], seen[0])
-    # 'corrupted' (the paper's wording): every teacher sees the corrupted input
-    cor = stage("student", KINDS, **args)
-    ref_c = cor.reference_variances(batch["image"], batch["image_clean"], present)
+            seen = batch["image"][b, 0] if kind in applied else torch.zeros_like(ref[b, c])
+            torch.testing.assert_close(ref[b, c], seen)
+    # 'free' (the paper): every teacher sees the corrupted input
+    free = stage("student", KINDS, **args)
+    ref_f = free.reference_variances(batch["image"], batch["image_clean"], present)
     for c in range(1, 6):
-        torch.testing.assert_close(ref_c[:, c], batch["image"][:, 0])
+        torch.testing.assert_close(ref_f[:, c], batch["image"][:, 0])
     with pytest.raises(ValueError, match="artifact_kinds"):
-        own.compute_loss(batch)
-    own.compute_loss({**batch, "artifact_kinds": kinds_per_sample})["loss"].backward()
-    with pytest.raises(ValueError, match="student_targets"):
-        stage("student", KINDS, student_targets="mixed")
+        zero.compute_loss(batch)
+    zero.compute_loss({**batch, "artifact_kinds": kinds_per_sample})["loss"].backward()
 
 
 def test_paired_patches_carry_the_applied_kinds(data_cfg) -> None:
@@ -330,16 +325,18 @@ def test_paired_patches_carry_the_applied_kinds(data_cfg) -> None:
 def test_absent_kind_var_zero_leaves_absent_kinds_out_of_the_sum_and_pulls_to_zero() -> None:
     torch.manual_seed(0)
     task = _task_net()
-    free = stage("teacher", task_net=task, init_log_var=-1.0)
-    zero = stage("teacher", task_net=task, init_log_var=-1.0, absent_kind_var="zero")
+    teachers = {"noise": _teacher_net()}
+    args = dict(task_net=task, teacher_nets=teachers, init_log_var=-1.0)
+    free = stage("student", ["noise"], **args)
+    zero = stage("student", ["noise"], absent_kind_var="zero", **args)
     zero.net.load_state_dict(free.net.state_dict())
     batch = _batch()
-    # every sample carries the teacher's kind: identical to the paper's loss
+    # every sample carries the kind: identical to the paper's loss
     own = {**batch, "artifact_kinds": [["noise"], ["noise"]]}
     l_free, l_zero = free.compute_loss(own), zero.compute_loss(own)
     torch.testing.assert_close(l_free["loss"], l_zero["loss"])
     assert float(l_zero["absent_kind_var"]) == 0.0
-    # clean or another kind: the artifact channel is out of the CE and pulled to 0
+    # clean or another kind: the artifact channel is out of the CE and taught a zero target
     for kinds in ([[], []], [["blur"], []]):
         absent = {**batch, "artifact_kinds": kinds}
         l_zero = zero.compute_loss(absent)
@@ -352,7 +349,7 @@ def test_absent_kind_var_zero_leaves_absent_kinds_out_of_the_sum_and_pulls_to_ze
         zero.zero_grad()
         zero.compute_loss(absent)["loss"].backward()
         assert zero.net.heads()[0].bias.grad[3] > 0  # gradient descent lowers sigma_noise^2
-    # a student: per sample and channel
+    # five kinds: per sample and channel
     teachers = {k: _teacher_net() for k in KINDS}
     student = stage("student", KINDS, task_net=task, teacher_nets=teachers, absent_kind_var="zero")
     kinds = [["noise"], []]
@@ -371,76 +368,16 @@ def test_absent_kind_var_zero_leaves_absent_kinds_out_of_the_sum_and_pulls_to_ze
         consistency_loss(v[:, c : c + 1], torch.zeros_like(task_ref), 0.1) for c in range(1, 6)
     )
     torch.testing.assert_close(out["consistency"], expected / 6)
-    with pytest.raises(ValueError, match="artifact_kinds"):
-        zero.compute_loss(batch)
     with pytest.raises(ValueError, match="absent_kind_var"):
-        stage("teacher", absent_kind_var="none")
+        stage("student", ["noise"], absent_kind_var="none")
 
 
-def test_patch_context_offsets_only_the_artifact_channels_and_starts_at_zero() -> None:
-    torch.manual_seed(0)
-    task = _task_net().eval()
-    assert TwoHeadUNet(num_sources=1, context=True, **TINY).context is None  # task: no offsets
-    teachers = {k: _teacher_net() for k in KINDS}
-    m = stage("student", KINDS, {"context": True}, task_net=task, teacher_nets=teachers).eval()
-    x = torch.rand(2, 1, 8, 8, 8)
-    with torch.no_grad():
-        plain = m(x)[1]
-        # fresh context (zero output layer): the network equals the plain one after init_from
-        torch.testing.assert_close(plain[:, :1], task(x)[1])
-        torch.testing.assert_close(plain[:, 1:], torch.full_like(plain[:, 1:], -2.0))
-        offsets = torch.arange(1.0, 6.0) * 0.5  # bounded: 3 * tanh(raw / 3)
-        m.net.context.out.bias.copy_(3.0 * torch.atanh(offsets / 3.0))
-        shifted = m(x)[1]
-        m.net.context.out.bias.fill_(1e4)  # the bound holds for any raw output
-        capped = m(x)[1]
-    torch.testing.assert_close(shifted[:, :1], plain[:, :1])  # task channel untouched
-    torch.testing.assert_close(shifted[:, 1:], plain[:, 1:] + offsets.view(1, 5, 1, 1, 1))
-    torch.testing.assert_close(capped[:, 1:], plain[:, 1:] + 3.0)
-    m.net.context.out.bias.data.zero_()
-    # the context branch is trained through the loss; frozen stages still get no gradient
-    m.train()
-    losses = m.compute_loss(_batch())
-    losses["loss"].backward()
-    assert m.net.context.out.weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in m.frozen.parameters())
-
-
-def test_kind_aux_loss_is_the_bce_of_the_context_logits_against_the_applied_kinds() -> None:
-    torch.manual_seed(0)
-    task = _task_net()
-    teachers = {k: _teacher_net() for k in KINDS}
-    net = {"context": True}
-    plain = stage("student", KINDS, net, task_net=task, teacher_nets=teachers)
-    aux = stage("student", KINDS, net, task_net=task, teacher_nets=teachers, kind_aux_weight=0.5)
-    aux.net.load_state_dict(plain.net.state_dict())
-    with torch.no_grad():  # a non-trivial classifier
-        aux.net.context.out.weight.normal_()
-        plain.net.context.out.weight.copy_(aux.net.context.out.weight)
-    batch = {**_batch(), "artifact_kinds": [["noise", "wrap"], []]}
-    out, ref = aux.compute_loss(batch), plain.compute_loss(batch)
-    assert "kind_aux" not in ref
-    logits = aux.net.context.logits(batch["image"])
-    target = torch.tensor([[0.0, 1, 0, 1, 0], [0, 0, 0, 0, 0]])
-    # hand computation of the mean binary cross-entropy with logits
-    p = torch.sigmoid(logits)
-    bce = -(target * p.log() + (1 - target) * (1 - p).log()).mean()
-    torch.testing.assert_close(out["kind_aux"], bce)
-    torch.testing.assert_close(out["loss"], ref["loss"] + 0.5 * bce)
-    out["kind_aux"].backward()
-    assert aux.net.context.features[0].weight.grad.abs().sum() > 0
-    # a teacher's single logit is "its kind applied"
-    teacher = stage("teacher", ["noise"], net, task_net=task, kind_aux_weight=1.0)
-    t_logit = teacher.net.context.logits(batch["image"])
-    t_out = teacher.compute_loss(batch)
-    expected = torch.nn.functional.binary_cross_entropy_with_logits(
-        t_logit, torch.tensor([[1.0], [0.0]])
-    )
-    torch.testing.assert_close(t_out["kind_aux"], expected)
-    with pytest.raises(ValueError, match="artifact_kinds"):
-        aux.compute_loss(_batch())
-    with pytest.raises(ValueError, match="context"):
-        stage("teacher", task_net=task, kind_aux_weight=1.0)
+def test_context_without_attribution_is_refused_and_a_task_network_has_none() -> None:
+    assert TwoHeadUNet(num_sources=1, context=True, **TINY).context is None  # task: no kinds
+    with pytest.raises(ValueError, match="retired"):  # per-kind offsets (measured no gain)
+        TwoHeadUNet(num_sources=6, context=True, **TINY)
+    with pytest.raises(ValueError, match="retired"):
+        TwoHeadUNet(num_sources=2, context=True, **TINY)
 
 
 def test_context_from_a_kind_classifier_gives_log_odds_against_clean() -> None:
@@ -487,10 +424,11 @@ def test_attribution_splits_one_total_artifact_variance_by_the_kind_softmax() ->
     torch.testing.assert_close(share, logits.softmax(1)[:, :, None, None, None].expand_as(share))
     torch.testing.assert_close(shifted[:, 1:].exp().sum(1), fresh[:, 1:].exp().sum(1))
     torch.testing.assert_close(shifted[:, :1], fresh[:, :1])
-    # trained through the loss (kind logits and the total row); frozen stages get no gradient
+    # the total row trains through the loss; the context (a kind classifier) and frozen stages
+    # get no gradient
     m.train()
     m.compute_loss(_batch())["loss"].backward()
-    assert m.net.context.out.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.net.context.parameters())
     assert m.net.heads()[0].weight.grad[3].abs().sum() > 0  # rows: 2 classes, task, total
     assert all(p.grad is None for p in m.frozen.parameters())
     # a teacher's single channel is its total; a student needs the kind logits
@@ -503,28 +441,19 @@ def test_attribution_splits_one_total_artifact_variance_by_the_kind_softmax() ->
         m.net.init_from(TwoHeadUNet(num_sources=6, **TINY))
 
 
-def test_context_lr_mult_freezes_or_slows_the_context_branch() -> None:
+def test_the_context_branch_is_frozen_and_left_out_of_the_optimizer() -> None:
     torch.manual_seed(0)
     teachers = {k: _teacher_net() for k in KINDS}
     net = {"context": True, "attribution": True}
-
-    def step(mult: float) -> tuple[UncertaintySeg, dict[str, torch.Tensor]]:
-        m = stage(
-            "student", KINDS, net, task_net=_task_net(), teacher_nets=teachers, context_lr_mult=mult
-        )
-        before = {n: p.detach().clone() for n, p in m.net.named_parameters()}
-        opt = m.configure_optimizers()
-        m.compute_loss(_batch())["loss"].backward()
-        opt.step()
-        return m, before
-
-    frozen, before = step(0.0)
-    moved = {n for n, p in frozen.net.named_parameters() if not torch.equal(p, before[n])}
+    m = stage("student", KINDS, net, task_net=_task_net(), teacher_nets=teachers)
+    before = {n: p.detach().clone() for n, p in m.net.named_parameters()}
+    opt = m.configure_optimizers()
+    m.compute_loss(_batch())["loss"].backward()
+    opt.step()
+    moved = {n for n, p in m.net.named_parameters() if not torch.equal(p, before[n])}
     assert moved and not any(n.startswith("context.") for n in moved)  # the rest trains
-    assert all(not p.requires_grad for p in frozen.net.context.parameters())
-    slow, _ = step(0.5)
-    groups = slow.configure_optimizers().param_groups
-    assert [g["lr"] for g in groups] == [slow.lr, slow.lr * 0.5]
-    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in slow.net.context.parameters()}
+    assert all(not p.requires_grad for p in m.net.context.parameters())
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not in_opt & {id(p) for p in m.net.context.parameters()}
     with pytest.raises(ValueError, match="multipliers"):
-        stage("teacher", context_lr_mult=-1.0)
+        stage("teacher", artifact_lr_mult=-1.0)

@@ -81,7 +81,6 @@ def test_each_stage_is_its_yaml(experiment: str) -> None:
 def test_kinds_are_the_named_subset() -> None:
     cfg = _cfg("uncertainty_student")
     assert list(cfg.uncertainty.kinds) == list(SHAW2021_KINDS)
-    assert list(cfg.uncertainty.negative_kinds) == list(SHAW2021_KINDS)
     assert instantiate_module(cfg).kinds == list(SHAW2021_KINDS)
     assert instantiate_module(_cfg("uncertainty_teacher")).kinds == ["noise"]
 
@@ -90,14 +89,15 @@ def test_kinds_are_the_named_subset() -> None:
     ("experiment", "override", "message"),
     [
         ("uncertainty_teacher", "~uncertainty.module.hce_task_var", "module: missing hce_task_var"),
-        ("uncertainty_student", "~uncertainty.module.student_targets", "missing student_targets"),
+        ("uncertainty_student", "~uncertainty.module.absent_kind_var", "missing absent_kind_var"),
         ("uncertainty_task", "~uncertainty.module.lr", "uncertainty.module: missing lr"),
         ("uncertainty_student", "~model.attribution", "model: missing attribution"),
-        (
-            "uncertainty_teacher",
-            "+uncertainty.module.student_targets=own_kind",
-            "unknown student_targets",
-        ),
+        # retired switches (README of experiments/shaw2021_uncertainty, Switches)
+        ("uncertainty_teacher", "+uncertainty.module.absent_kind_var=zero", "unknown absent_k"),
+        ("uncertainty_student", "+uncertainty.module.student_targets=own_kind", "unknown stud"),
+        ("uncertainty_student", "+uncertainty.module.kind_aux_weight=1", "unknown kind_aux_w"),
+        ("uncertainty_student", "+uncertainty.module.context_lr_mult=1", "unknown context_lr"),
+        ("uncertainty_student", "+model.context_max_offset=3", "model: unknown context_max"),
         ("uncertainty_task", "+uncertainty.module.kind=noise", "uncertainty.module: unknown kind"),
         ("uncertainty_teacher", "uncertainty.module.hce_task_var=mine", "hce_task_var must be"),
         (
@@ -162,7 +162,7 @@ def _previous_hparams(role: str, kinds: list[str], net: dict[str, Any]) -> dict[
 @pytest.mark.parametrize(
     ("role", "kinds", "net"),
     [
-        ("teacher", ["noise"], {"context": True}),
+        ("teacher", ["noise"], {}),
         ("student", ["noise", "blur"], {"context": True, "attribution": True}),
         ("student", ["blur"], {"deep_supervision": True}),
     ],
@@ -179,23 +179,57 @@ def test_previous_layout_hyper_parameters_by_hand(
     fresh = instantiate_module(cfg)
     net_args = {k: v for k, v in fresh.hparams["net"].items() if k != "_target_"}
     old = _previous_hparams(role, kinds, net_args)
-    old.update(hce_task_var="reference", kind_aux_weight=0.5 if net.get("context") else 0.0)
-    if role == "student":
+    old.update(hce_task_var="reference")
+    old["net"] = {**old["net"], "context_max_offset": 3.0}  # retired, no effect here
+    if role == "student":  # retired switches at values without effect
         old.update(student_targets="own_kind", absent_kind_var="zero", context_lr_mult=0.0)
     loaded = UncertaintySeg.load_from_checkpoint(_save(fresh, tmp_path / "old.ckpt", old))
     assert type(loaded) is ROLES[role] and loaded.kinds == kinds
-    assert loaded.hce_task_var == "reference" and loaded.kind_aux_weight == old["kind_aux_weight"]
-    assert loaded.absent_kind_var == old["absent_kind_var"] and loaded.lr == 3e-3
-    if role == "student":
-        assert (loaded.student_targets, loaded.context_lr_mult) == ("own_kind", 0.0)
+    assert loaded.hce_task_var == "reference" and loaded.lr == 3e-3
+    assert loaded.absent_kind_var == ("zero" if role == "student" else "free")
     x = torch.rand(1, 1, 16, 16, 16)
     for a, b in zip(_outputs(fresh, x), _outputs(loaded, x), strict=True):
         assert torch.equal(a, b)
     # a checkpoint from before some options existed: the old constructor's values for them
     older = {k: v for k, v in old.items() if k not in ("context_lr_mult", "absent_kind_var")}
-    older["kind_aux_weight"] = 0.0
-    loaded = UncertaintySeg.load_from_checkpoint(_save(fresh, tmp_path / "older.ckpt", older))
-    assert (loaded.context_lr_mult, loaded.absent_kind_var) == (1.0, "free")
+    older["student_targets"] = "corrupted"
+    path = _save(fresh, tmp_path / "older.ckpt", older)
+    if fresh.net.context is not None:  # the old context_lr_mult=1: a context fine-tuned there
+        with pytest.raises(ValueError, match="context_lr_mult=1.0.*retired"):
+            UncertaintySeg.load_from_checkpoint(path)
+    else:
+        assert UncertaintySeg.load_from_checkpoint(path).absent_kind_var == "free"
+
+
+@pytest.mark.parametrize(
+    ("role", "change", "message"),
+    [
+        ("student", {"kind_aux_weight": 0.5}, "kind_aux_weight=0.5"),
+        ("student", {"context_lr_mult": 1.0}, "context_lr_mult=1.0"),
+        ("student", {"student_targets": "own_kind", "absent_kind_var": "free"}, "own_kind"),
+        ("teacher", {"absent_kind_var": "zero"}, "absent_kind_var='zero' in a teacher"),
+        ("student", {"net": {"context": True, "attribution": False}}, "without model.attri"),
+    ],
+)
+def test_a_checkpoint_trained_with_a_retired_switch_is_refused_in_one_line(
+    role: str, change: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    """Switches that measured no gain are gone; a file trained with one switched on must not
+    load as something it is not (Lightning would drop the unknown keys silently)."""
+    kinds = ["noise", "blur"] if role == "student" else ["noise"]
+    over = [f"uncertainty.kinds=[{','.join(kinds)}]", f"artifact={kinds[0]}"]
+    module = instantiate_module(_cfg(f"uncertainty_{role}", *over))
+    hparams = {**dict(module.hparams), "kind_aux_weight": 0.0, "context_lr_mult": 0.0}
+    hparams["net"] = {**hparams["net"], "context_max_offset": 3.0}
+    if role == "student":
+        hparams["student_targets"] = "corrupted"
+    assert UncertaintySeg.load_from_checkpoint(_save(module, tmp_path / "ok.ckpt", hparams))
+    hparams.update({k: v for k, v in change.items() if k != "net"})
+    hparams["net"] = {**hparams["net"], **change.get("net", {})}
+    path = _save(module, tmp_path / "on.ckpt", hparams)
+    with pytest.raises(BadFileError, match=f"{message}.*retired switch") as err:
+        load_checkpoint(UncertaintySeg, path, "uncertainty checkpoint")
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
 
 
 def test_the_loader_checks_roles_and_refuses_foreign_files(tmp_path: Path) -> None:

@@ -14,9 +14,10 @@ network on each patch and fits four probes on scans 0..0.6N-1, tested on the res
     python experiments/shaw2021_uncertainty/linear_probe.py RUN_OR_CKPT [--scans 10]
 
 Prints the test accuracy (chance 1/6) and the recall per kind. For a network with a patch-context
-branch trained with the kind-presence loss (``model.context``,
-``uncertainty.module.kind_aux_weight``) it also prints that classifier's own mean presence
-probability per true kind on all patches.
+branch (``model.context``: the student's frozen kind classifier, whose outputs are each kind's
+log-odds against clean) it also prints the mean sigmoid of those outputs per true kind on all
+patches. (The fourth session's numbers for that table came from students trained with a
+kind-presence loss, retired since: README, "Switches".)
 """
 
 from __future__ import annotations

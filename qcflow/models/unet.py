@@ -6,24 +6,17 @@ kind). Both heads are 1x1x1 convolutions on the last decoder features; MONAI's `
 exactly such a convolution, so one ``DynUNet`` with ``num_classes + num_sources`` output channels
 split into ``(logits, log_var)`` *is* the two-head network (the heads share no weights).
 
-Optional patch context (``context=True``, off by default; not in the papers): a small strided
-CNN on the input patch, pooled to one vector (mean and standard deviation of its features), adds
-one offset per *artifact* log-variance channel to the whole patch:
-``s_i(x) = head_i(features(x)) + c_i(patch)``. The 1x1x1 heads see only the last decoder
-features at one voxel, which encode segmentation difficulty rather than which artifact is
-present (a linear probe on a trained task network's features barely tells the kinds apart:
-README of experiments/shaw2021_uncertainty); the context branch gives each artifact channel a
-patch-level view of the kind. Its output layer starts at
-zero, so a fresh network equals the plain one; the task channel gets no offset.
-
-Optional attribution (``attribution=True``, needs ``context``; off by default, not in the
-papers): the head predicts one *total* artifact log-variance ``s_a`` per voxel and the context
-branch's per-patch logits ``c`` split it between the kinds:
+Optional attribution (``context=True`` with ``attribution=True``; off by default, not in the
+papers): a small strided CNN on the input patch (:class:`PatchContext`, pooled to one vector by
+the mean and standard deviation of its features) gives per-patch kind logits ``c``, and the head
+predicts one *total* artifact log-variance ``s_a`` per voxel that they split between the kinds:
 ``sigma_i^2 = exp(s_a) * softmax(c)_i``, i.e. ``s_i = s_a + log_softmax(c)_i``. The sum over the
 artifact channels is exactly ``exp(s_a)`` (what the heteroscedastic CE sees), and which channel
 is the largest depends only on the patch-level kind logits, so all artifact channels share one
-scale (per-kind heads learn scales that differ ~100x between kinds at CPU size, see
-experiments/shaw2021_uncertainty/README.md).
+scale. Why (experiments/shaw2021_uncertainty/README.md): the 1x1x1 heads see only the last
+decoder features at one voxel, which encode segmentation difficulty rather than the artifact
+kind, and per-kind heads learn scales far apart. The context branch is trained beforehand as a
+kind classifier (``experiment=kind_classifier``) and stays frozen in the student.
 
 Deep supervision (docs/pitfalls.md): with ``deep_supervision=True`` ``DynUNet`` returns a stacked
 ``(B, 1 + deep_supr_num, C, D, H, W)`` tensor in training mode and a single ``(B, C, D, H, W)``
@@ -46,16 +39,12 @@ LOG_VAR_RANGE = (-12.0, 12.0)
 
 
 class PatchContext(nn.Module):
-    """Per-patch offsets from a small strided CNN on the input, pooled by mean and std.
+    """Per-patch kind logits from a small strided CNN on the input, pooled by mean and std.
 
     Args:
         in_channels: image channels.
-        num_outputs: offsets per patch (one per artifact log-variance channel).
+        num_outputs: logits per patch (one per artifact kind; a classifier: one per class).
         widths: features of the stride-2 3x3x3 convolutions (one per level).
-        max_offset: offsets are ``max_offset * tanh(raw / max_offset)``, i.e. a variance
-            changes by at most a factor ``exp(max_offset)`` either way. Unbounded offsets let a
-            channel sink to the log-variance floor, where the clamp stops its gradient for good
-            (the probes in the README of experiments/shaw2021_uncertainty).
 
     Shapes:
         ``x`` ``(B, in_channels, D, H, W)`` -> ``(B, num_outputs)``; zero for a fresh module.
@@ -66,12 +55,8 @@ class PatchContext(nn.Module):
         in_channels: int,
         num_outputs: int,
         widths: Sequence[int] = (16, 32, 32),
-        max_offset: float = 3.0,
     ) -> None:
         super().__init__()
-        if max_offset <= 0:
-            raise ValueError(f"max_offset must be > 0, got {max_offset}")
-        self.max_offset = float(max_offset)
         layers: list[nn.Module] = []
         c = in_channels
         for w in widths:
@@ -103,16 +88,12 @@ class PatchContext(nn.Module):
         self.out.bias.copy_(classifier.out.bias[rows] - classifier.out.bias[none])
 
     def logits(self, x: Tensor) -> Tensor:
-        """Unbounded ``(B, num_outputs)`` outputs (also trained as kind-presence logits)."""
+        """``(B, num_outputs)`` kind logits."""
         f = self.features(x).flatten(2)  # (B, C, N)
         return self.out(torch.cat([f.mean(-1), f.std(-1, correction=0)], dim=1))
 
-    def bound(self, logits: Tensor) -> Tensor:
-        """Offsets from :meth:`logits`: ``max_offset * tanh(logits / max_offset)``."""
-        return self.max_offset * torch.tanh(logits / self.max_offset)
-
     def forward(self, x: Tensor) -> Tensor:
-        return self.bound(self.logits(x))
+        return self.logits(x)
 
 
 class TwoHeadUNet(nn.Module):
@@ -131,9 +112,9 @@ class TwoHeadUNet(nn.Module):
         deep_supervision: add deep-supervision heads (training mode only).
         deep_supr_num: number of deep-supervision outputs.
         res_block: residual blocks (nnU-Net "ResEnc"-like) instead of plain conv blocks.
-        context: add a :class:`PatchContext` branch giving each artifact log-variance channel a
-            per-patch offset (no effect with a single source, i.e. the task network).
-        context_max_offset: bound of the context offsets (log-variance units).
+        context: add a :class:`PatchContext` branch whose kind logits split the artifact
+            variance (needs ``attribution``; no effect with a single source, i.e. the task
+            network).
         attribution: one total artifact log-variance row in the head, split between the
             artifact channels by the softmax of the context logits (needs ``context`` when
             there are two or more artifact channels).
@@ -155,7 +136,6 @@ class TwoHeadUNet(nn.Module):
         deep_supr_num: int = 1,
         res_block: bool = False,
         context: bool = False,
-        context_max_offset: float = 3.0,
         attribution: bool = False,
     ) -> None:
         super().__init__()
@@ -173,6 +153,11 @@ class TwoHeadUNet(nn.Module):
         self.attribution = bool(attribution) and self.num_sources > 1
         if self.attribution and self.num_sources > 2 and not context:
             raise ValueError("attribution=True needs context=True (the kind logits)")
+        if context and not attribution and self.num_sources > 1:
+            raise ValueError(
+                "context=True needs attribution=True: per-kind context offsets were retired "
+                "(measured no gain; README of experiments/shaw2021_uncertainty, Switches)"
+            )
         #: log-variance rows of the output head(s): task (+ one total artifact row)
         self.head_sources = 2 if self.attribution else self.num_sources
         self.net = DynUNet(
@@ -189,37 +174,27 @@ class TwoHeadUNet(nn.Module):
             res_block=res_block,
         )
         self.context = (
-            PatchContext(in_channels, self.num_sources - 1, max_offset=context_max_offset)
+            PatchContext(in_channels, self.num_sources - 1)
             if context and self.num_sources > 1
             else None
         )
 
-    def _split(self, out: Tensor, offset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def _split(self, out: Tensor, share: Tensor | None = None) -> tuple[Tensor, Tensor]:
         logits, log_var = out.split([self.num_classes, self.head_sources], dim=1)
-        if self.attribution:  # offset: log_softmax of the kind logits (B, num_sources - 1)
-            share = offset if offset is not None else log_var.new_zeros(log_var.shape[0], 1)
+        if self.attribution:  # share: log_softmax of the kind logits (B, num_sources - 1)
+            share = share if share is not None else log_var.new_zeros(log_var.shape[0], 1)
             art = log_var[:, 1:2] + share[:, :, None, None, None]
             log_var = torch.cat([log_var[:, :1], art], dim=1)
-        elif offset is not None:  # (B, num_sources - 1): artifact channels only
-            shift = torch.cat([offset.new_zeros(offset.shape[0], 1), offset], dim=1)
-            log_var = log_var + shift[:, :, None, None, None]
         return logits, log_var.clamp(*LOG_VAR_RANGE)
 
-    def forward_all(
-        self, x: Tensor, context_logits: Tensor | None = None
-    ) -> list[tuple[Tensor, Tensor]]:
-        """All outputs (full resolution first; deep-supervision ones are upsampled by DynUNet).
-
-        ``context_logits``: ``self.context.logits(x)`` when the caller needs them too (the
-        kind-presence loss), so the context branch runs once.
-        """
+    def forward_all(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """All outputs (full resolution first; deep-supervision ones are upsampled by DynUNet)."""
         out = self.net(x)
         outs = out.unbind(1) if out.ndim == 6 else (out,)  # (B, 1 + n, C, D, H, W) in training
-        offset = None
+        share = None
         if self.context is not None:
-            raw = self.context.logits(x) if context_logits is None else context_logits
-            offset = raw.log_softmax(dim=1) if self.attribution else self.context.bound(raw)
-        return [self._split(o, offset) for o in outs]
+            share = self.context.logits(x).log_softmax(dim=1)
+        return [self._split(o, share) for o in outs]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(logits, log_var)`` at full resolution."""

@@ -186,7 +186,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     corrupt()
     widths = [int(w) for w in c.widths]
-    net = PatchContext(1, len(kinds) + 1, widths=widths, max_offset=1e6)  # unbounded logits
+    net = PatchContext(1, len(kinds) + 1, widths=widths)
     opt = torch.optim.Adam(net.parameters(), lr=float(c.lr))
     train, test = list(range(n - holdout)), list(range(n - holdout, n))
     accuracy, final_loss, bank_step, first = float("nan"), float("nan"), 0, 1

@@ -4,8 +4,6 @@
 
 * task: clean patches (no augmentation);
 * teacher: ``artifact`` only (``augment.<artifact>`` ranges, probability ``uncertainty.kind_p``),
-  or with ``uncertainty.teacher_negatives > 0`` also the other ``uncertainty.negative_kinds``
-  (one kind per corrupted volume),
   with the latest ``uncertainty_task`` run frozen (or ``uncertainty.task_ckpt``);
 * student: all ``uncertainty.kinds``, with the frozen task network and the latest teacher run per
   kind (experiments ``uncertainty_teacher_<kind>``, or ``uncertainty.teacher_ckpts.<kind>``).
@@ -60,13 +58,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def build_sampler(cfg: DictConfig, kinds: list[str], negatives: list[str] | None = None) -> Any:
-    """A ``RandomArtifacts`` with only ``kinds`` enabled (ranges from ``cfg.augment``).
-
-    ``negatives``: other kinds a teacher also sees; then a corrupted volume gets exactly one
-    kind, its own with probability ``1 - uncertainty.teacher_negatives`` and each negative kind
-    with an equal share of the rest.
-    """
+def build_sampler(cfg: DictConfig, kinds: list[str]) -> Any:
+    """A ``RandomArtifacts`` with only ``kinds`` enabled (ranges from ``cfg.augment``), each
+    with probability ``uncertainty.kind_p``; ``uncertainty.exclusive_kinds``: one per volume."""
     if not kinds:
         return None
     if cfg.get("augment") is None:
@@ -74,21 +68,15 @@ def build_sampler(cfg: DictConfig, kinds: list[str], negatives: list[str] | None
     aug = OmegaConf.to_container(cfg.augment, resolve=True)
     assert isinstance(aug, dict)
     ucfg = cfg.uncertainty
-    negatives = [k for k in negatives or [] if k not in kinds]
-    frac = float(ucfg.teacher_negatives) if negatives else 0.0
-    if not 0.0 <= frac < 1.0:
-        raise ConfigError(f"uncertainty.teacher_negatives must be in [0, 1), got {frac}")
     for kind in KINDS:
-        if kind not in kinds and (kind not in negatives or frac == 0.0):
+        if kind not in kinds:
             aug[kind] = None
         elif not aug.get(kind):
             raise ConfigError(f"augment.{kind}: no ranges configured for artifact kind '{kind}'")
-        elif kind in kinds:
-            aug[kind]["p"] = float(ucfg.kind_p) * (1.0 - frac)
         else:
-            aug[kind]["p"] = frac / len(negatives)
+            aug[kind]["p"] = float(ucfg.kind_p)
     aug["rate"] = float(ucfg.artifact_rate)
-    aug["exclusive"] = bool(ucfg.exclusive_kinds) or frac > 0.0
+    aug["exclusive"] = bool(ucfg.exclusive_kinds)
     aug["device"] = "loader"
     aug["spacing"] = [float(cfg.data.spacing)] * 3
     return instantiate(aug)
@@ -184,6 +172,11 @@ def build_module(cfg: DictConfig) -> UncertaintySeg:
             log.info("frozen %s teacher: %s", kind, path)
         frozen["teacher_nets"] = teachers
     module = instantiate_module(cfg, **frozen)
+    if module.net.context is not None and not ucfg.context_init:
+        raise ConfigError(
+            "model.context=true needs uncertainty.context_init (a kind classifier: the context "
+            "branch is frozen)"
+        )
     if ucfg.context_init:
         from qcflow.tasks.kind_classifier import classifier_path
 
@@ -218,12 +211,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit one stage; returns the trainer's last metrics, role, kinds and checkpoint path."""
     resume = prepare_resume(cfg)  # first: may point paths.output_dir at the resumed run
     seed_all(cfg)
-    ucfg = cfg.uncertainty
     module = build_module(cfg)
-    negatives = None
-    if isinstance(module, TeacherSeg):
-        negatives = [str(k) for k in ucfg.negative_kinds]
-    sampler = build_sampler(cfg, module.kinds, negatives)
+    sampler = build_sampler(cfg, module.kinds)
     datamodule = PairedPatchDataModule(cfg.data, sampler=sampler)
     schedule = build_schedule(cfg)
     trainer = build_trainer(cfg, callbacks=[schedule], samplers=lambda: {"augment": sampler})

@@ -22,7 +22,6 @@ from __future__ import annotations
 from qcflow.lit.uncertainty.artifact import (
     ABSENT_KIND_VAR,
     HCE_TASK_VAR,
-    STUDENT_TARGETS,
     ArtifactSeg,
 )
 from qcflow.lit.uncertainty.base import UncertaintySeg, build_net, scale_row_updates
@@ -32,7 +31,6 @@ from qcflow.lit.uncertainty.schedule import EpsilonSchedule
 __all__ = [
     "ABSENT_KIND_VAR",
     "HCE_TASK_VAR",
-    "STUDENT_TARGETS",
     "ArtifactSeg",
     "EpsilonSchedule",
     "StudentSeg",

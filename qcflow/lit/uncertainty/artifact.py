@@ -7,8 +7,10 @@ of the variances (:mod:`qcflow.lit.uncertainty.base`); the consistency loss
 to a frozen network's variance: the task channel to the frozen task network's ``sigma_t^2`` *on
 the clean patch*, so the variance that the corruption adds lands in the artifact channels. The
 CPU-budget deviations of this repo (start from the task network, keep the task variance out of
-the artifact uncertainty, a patch-context branch; ``experiments/shaw2021_uncertainty/README.md``)
-are arguments here, with their values in ``conf/uncertainty_module/artifact.yaml`` only.
+the artifact uncertainty; ``experiments/shaw2021_uncertainty/README.md``) are arguments here,
+with their values in ``conf/uncertainty_module/*.yaml`` only. A context branch of the network
+(``net.context``, the student's kind attribution) is always frozen here: it is trained
+beforehand as a kind classifier.
 """
 
 from __future__ import annotations
@@ -18,19 +20,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qcflow.lit.uncertainty.base import UncertaintySeg
 from qcflow.models.losses import consistency_loss
 
-__all__ = ["HCE_TASK_VAR", "STUDENT_TARGETS", "ABSENT_KIND_VAR", "ArtifactSeg", "choice"]
+__all__ = ["HCE_TASK_VAR", "ABSENT_KIND_VAR", "ArtifactSeg", "choice"]
 
 #: which task variance enters a teacher's / student's heteroscedastic variance sum
 HCE_TASK_VAR = ("own", "reference")
-#: what frozen teacher i sees when it makes the student's target for channel i
-STUDENT_TARGETS = ("corrupted", "own_kind")
-#: what artifact channel i of a teacher / student learns on samples without kind i
+#: what the student's artifact channel i learns on samples without kind i
 ABSENT_KIND_VAR = ("free", "zero")
 
 
@@ -79,15 +78,9 @@ class ArtifactSeg(UncertaintySeg):
         absent_kind_var: what artifact channel i learns on samples that do not carry kind i:
             ``free`` (the paper): it sits in the variance sum like everywhere, so it also
             absorbs segmentation errors of other causes; ``zero``: it leaves the variance sum
-            there and is pulled to 0 (see :meth:`absent_pull`). Needs
-            ``batch["artifact_kinds"]``.
-        kind_aux_weight: weight of a self-supervised kind-presence loss (0: off, the paper): the
-            :class:`~qcflow.models.unet.PatchContext` outputs (which offset the artifact
-            log-variances per patch) are also trained as logits of "kind i was applied to this
-            sample" (BCE against ``batch["artifact_kinds"]``, the simulation's own record).
-            Needs ``net.context``.
-        context_lr_mult: learning-rate multiplier of the context branch (0 freezes it: a
-            student whose context starts from a kind classifier keeps its decisions).
+            there and its consistency target is 0 (the mean ``sigma_i^2`` there is logged as
+            ``absent_kind_var``). Needs ``batch["artifact_kinds"]``. Given by the role: a
+            teacher's is ``free``.
         task_net: the frozen task network (``None`` when loading for inference only).
     """
 
@@ -107,20 +100,15 @@ class ArtifactSeg(UncertaintySeg):
         artifact_lr_mult: float,
         hce_task_var: str,
         absent_kind_var: str,
-        kind_aux_weight: float,
-        context_lr_mult: float,
         task_net: nn.Module | None,
         frozen: Mapping[str, nn.Module],
     ) -> None:
         task_var = choice("hce_task_var", hce_task_var, HCE_TASK_VAR)
         absent = choice("absent_kind_var", absent_kind_var, ABSENT_KIND_VAR)
-        if min(task_var_lr_mult, artifact_lr_mult, context_lr_mult) < 0:
+        if min(task_var_lr_mult, artifact_lr_mult) < 0:
             raise ValueError(
-                f"lr multipliers must be >= 0, got {task_var_lr_mult}, {artifact_lr_mult}, "
-                f"{context_lr_mult}"
+                f"lr multipliers must be >= 0, got {task_var_lr_mult}, {artifact_lr_mult}"
             )
-        if kind_aux_weight < 0:
-            raise ValueError(f"kind_aux_weight must be >= 0, got {kind_aux_weight}")
         # frozen stages are optional here (loading for inference); fitting checks them
         nets = {"task": task_net} if task_net is not None else {}
         super().__init__(net, lr, eps, ds_weights, kinds=kinds, frozen={**nets, **frozen})
@@ -130,12 +118,8 @@ class ArtifactSeg(UncertaintySeg):
         self.artifact_lr_mult = float(artifact_lr_mult)
         self.hce_task_var = task_var
         self.absent_kind_var = absent
-        self.kind_aux_weight = float(kind_aux_weight)
-        self.context_lr_mult = float(context_lr_mult)
-        if self.kind_aux_weight > 0 and self.net.context is None:
-            raise ValueError("kind_aux_weight > 0 needs a teacher/student net with context=True")
-        if self.context_lr_mult == 0 and self.net.context is not None:
-            self.net.context.requires_grad_(False)  # frozen: no gradient, not in the optimizer
+        if self.net.context is not None:  # a trained kind classifier: no gradient, no optimizer
+            self.net.context.requires_grad_(False)
         # checkpoints are loaded without frozen stages: then the saved weights are used instead
         if init_from_task and "task" in self.frozen:
             self.net.init_from(self.frozen["task"], extra_log_var=float(init_log_var))
@@ -145,14 +129,7 @@ class ArtifactSeg(UncertaintySeg):
 
     # ------------------------------------------------------------------ optimizer
     def optimizer_params(self) -> Iterable[Any]:
-        context = list(self.net.context.parameters()) if self.net.context is not None else []
-        if self.context_lr_mult == 1.0 or not context:
-            return self.net.parameters()
-        ids = {id(p) for p in context}
-        groups = [{"params": [p for p in self.net.parameters() if id(p) not in ids]}]
-        if self.context_lr_mult > 0:
-            groups.append({"params": context, "lr": self.lr * self.context_lr_mult})
-        return groups
+        return [p for p in self.net.parameters() if p.requires_grad]  # not the frozen context
 
     def row_lr_multipliers(self) -> dict[nn.Parameter, Tensor]:
         """Per-row lr multipliers of the output heads (empty when all ones).
@@ -207,12 +184,6 @@ class ArtifactSeg(UncertaintySeg):
         return _Targets(ref, present, absent)
 
     # ------------------------------------------------------------------ loss
-    def context_logits(self, image: Tensor) -> Tensor | None:
-        if self.kind_aux_weight > 0:
-            assert self.net.context is not None
-            return self.net.context.logits(image)
-        return None
-
     def variance_sum(self, log_var: Tensor, targets: _Targets) -> Tensor:
         # hce_task_var=reference: the frozen task network's sigma_t^2 replaces the own one
         task = log_var[:, :1] if self.hce_task_var == "own" else targets.ref[:, :1].log()
@@ -221,20 +192,8 @@ class ArtifactSeg(UncertaintySeg):
             art = torch.where(targets.absent, torch.full_like(art, float("-inf")), art)
         return torch.cat([task, art], dim=1)
 
-    def absent_pull(self, consistency: Tensor, pull: Tensor) -> Tensor:
-        """The consistency term with the pull of absent kinds' ``sigma_i^2`` to 0: the role
-        decides whether the pull is a loss term of its own (teacher) or not (student)."""
-        raise NotImplementedError
-
-    def add_terms(
-        self,
-        out: dict[str, Tensor],
-        log_var: Tensor,
-        targets: _Targets,
-        context_logits: Tensor | None,
-        batch: Mapping[str, Any],
-    ) -> None:
-        ref, absent, present = targets.ref, targets.absent, targets.present
+    def add_terms(self, out: dict[str, Tensor], log_var: Tensor, targets: _Targets) -> None:
+        ref, absent = targets.ref, targets.absent
         var = log_var[:, : ref.shape[1]].exp()
         cons = (
             sum(
@@ -244,17 +203,11 @@ class ArtifactSeg(UncertaintySeg):
             / ref.shape[1]
         )
         if absent is not None:
-            # mean sigma_i^2 where kind i is absent (always logged: DDP sync)
-            art = log_var[:, 1:].exp().mean(dim=(2, 3, 4))  # (B, K)
-            mask = absent.view(art.shape)
-            pull = art[mask].mean() if bool(mask.any()) else art.sum() * 0.0
-            out["absent_kind_var"] = pull
-            cons = self.absent_pull(cons, pull)
+            # mean sigma_i^2 where kind i is absent, for the log (always: DDP sync); its zero
+            # consistency targets already pull it to 0
+            with torch.no_grad():
+                art = log_var[:, 1:].exp().mean(dim=(2, 3, 4))  # (B, K)
+                mask = absent.view(art.shape)
+                out["absent_kind_var"] = art[mask].mean() if bool(mask.any()) else art.sum() * 0
         out["consistency"] = cons
         out["loss"] = out["seg"] + self.consistency_weight * cons
-        if context_logits is not None:
-            if present is None:
-                raise ValueError("kind_aux_weight > 0 needs the batch's 'artifact_kinds'")
-            aux = F.binary_cross_entropy_with_logits(context_logits, present.float())
-            out["kind_aux"] = aux
-            out["loss"] = out["loss"] + self.kind_aux_weight * aux

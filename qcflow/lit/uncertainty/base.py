@@ -271,10 +271,6 @@ class UncertaintySeg(pl.LightningModule):
         total = sum(w)
         return [v / total for v in w]
 
-    def context_logits(self, image: Tensor) -> Tensor | None:
-        """Kind logits of the context branch when the loss needs them too (none here)."""
-        return None
-
     def loss_targets(self, batch: Mapping[str, Any]) -> Any:
         """What the role's terms need from frozen networks and the batch (none here)."""
         return None
@@ -283,22 +279,14 @@ class UncertaintySeg(pl.LightningModule):
         """Log-variances ``(B, K, D, H, W)`` whose exp-sum enters the CE: the network's own."""
         return log_var
 
-    def add_terms(
-        self,
-        out: dict[str, Tensor],
-        log_var: Tensor,
-        targets: Any,
-        context_logits: Tensor | None,
-        batch: Mapping[str, Any],
-    ) -> None:
+    def add_terms(self, out: dict[str, Tensor], log_var: Tensor, targets: Any) -> None:
         """Add the role's loss terms to ``out`` (``out["loss"]`` is the CE); none here."""
 
     def compute_loss(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Heteroscedastic CE (all deep-supervision outputs) + the role's terms (full
         resolution) + the Dice of the argmax, for logging."""
         image, label = batch["image"], batch["label"]
-        context_logits = self.context_logits(image)
-        outs = self.net.forward_all(image, context_logits)
+        outs = self.net.forward_all(image)
         targets = self.loss_targets(batch)
         weights = self._weights(len(outs))
         seg = sum(
@@ -307,7 +295,7 @@ class UncertaintySeg(pl.LightningModule):
         )
         out = {"seg": seg, "loss": seg}
         logits, log_var = outs[0]
-        self.add_terms(out, log_var, targets, context_logits, batch)
+        self.add_terms(out, log_var, targets)
         with torch.no_grad():
             pred = logits.argmax(1)
             out["dice"] = _dice((pred == 1).float(), (label[:, 0] == 1).float())
@@ -320,7 +308,7 @@ class UncertaintySeg(pl.LightningModule):
         # rank-averaged under DDP (metrics.json, loggers); EpsilonSchedule reduces on its own
         log = {"batch_size": bs, "sync_dist": True}
         self.log("train/loss", losses["loss"], on_step=True, on_epoch=True, **log)
-        for k in ("seg", "consistency", "dice", "absent_kind_var", "kind_aux"):
+        for k in ("seg", "consistency", "dice", "absent_kind_var"):
             if k in losses:
                 self.log(f"train/{k}", losses[k], on_step=False, on_epoch=True, **log)
         self.log("train/eps", self.eps, on_step=False, on_epoch=True, batch_size=bs)

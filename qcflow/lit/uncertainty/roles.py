@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qcflow.lit.uncertainty.artifact import STUDENT_TARGETS, ArtifactSeg, choice
+from qcflow.lit.uncertainty.artifact import ArtifactSeg
 from qcflow.lit.uncertainty.base import UncertaintySeg
 
 __all__ = ["TaskSeg", "TeacherSeg", "StudentSeg"]
@@ -51,11 +51,8 @@ class TeacherSeg(ArtifactSeg):
 
     Args:
         kind: its artifact kind.
-        others: see :class:`ArtifactSeg`.
-
-    With ``absent_kind_var=zero`` its artifact channel has no consistency target, so the mean
-    ``sigma_i^2`` over samples without kind i (clean ones, or negatives of other kinds) is added
-    to the consistency term.
+        others: see :class:`ArtifactSeg` (``absent_kind_var`` is ``free``: a teacher's
+            channel learns from the CE wherever it is).
     """
 
     role = "teacher"
@@ -75,9 +72,6 @@ class TeacherSeg(ArtifactSeg):
         task_var_lr_mult: float,
         artifact_lr_mult: float,
         hce_task_var: str,
-        absent_kind_var: str,
-        kind_aux_weight: float,
-        context_lr_mult: float,
         task_net: nn.Module | None = None,
     ) -> None:
         if not isinstance(kind, str):
@@ -95,15 +89,10 @@ class TeacherSeg(ArtifactSeg):
             task_var_lr_mult=task_var_lr_mult,
             artifact_lr_mult=artifact_lr_mult,
             hce_task_var=hce_task_var,
-            absent_kind_var=absent_kind_var,
-            kind_aux_weight=kind_aux_weight,
-            context_lr_mult=context_lr_mult,
+            absent_kind_var="free",
             task_net=task_net,
             frozen={},
         )
-
-    def absent_pull(self, consistency: Tensor, pull: Tensor) -> Tensor:
-        return consistency + pull
 
 
 class StudentSeg(ArtifactSeg):
@@ -111,17 +100,12 @@ class StudentSeg(ArtifactSeg):
 
     Args:
         kinds: its artifact kinds, in channel order.
-        student_targets: what frozen teacher i sees when it makes the target of channel i:
-            ``corrupted`` (the student's input, every applied kind: the paper's wording) or
-            ``own_kind`` (the input if kind i was applied to this sample, else the clean patch):
-            a teacher that never saw kind j still reacts to it, so with ``corrupted`` every
-            channel learns every kind; with ``own_kind`` channel i is taught to stay at its
-            clean level on the other kinds. Exact for single-kind samples
-            (``RandomArtifacts(exclusive=True)``); needs ``batch["artifact_kinds"]``.
+        absent_kind_var: ``free`` (the paper): frozen teacher i makes channel i's target from
+            the student's input, whatever kinds it carries; ``zero``: only where kind i was
+            applied, and the target is 0 elsewhere (see :class:`ArtifactSeg`).
         teacher_nets: frozen teachers by kind (``None`` when loading for inference only).
         others: see :class:`ArtifactSeg`.
 
-    With ``absent_kind_var=zero`` channel i's consistency target is 0 where kind i is absent.
     """
 
     role = "student"
@@ -141,14 +125,10 @@ class StudentSeg(ArtifactSeg):
         task_var_lr_mult: float,
         artifact_lr_mult: float,
         hce_task_var: str,
-        student_targets: str,
         absent_kind_var: str,
-        kind_aux_weight: float,
-        context_lr_mult: float,
         task_net: nn.Module | None = None,
         teacher_nets: Mapping[str, nn.Module] | None = None,
     ) -> None:
-        targets = choice("student_targets", student_targets, STUDENT_TARGETS)
         kinds = [str(k) for k in kinds]
         teachers = {k: teacher_nets[k] for k in kinds if k in teacher_nets} if teacher_nets else {}
         super().__init__(
@@ -165,12 +145,9 @@ class StudentSeg(ArtifactSeg):
             artifact_lr_mult=artifact_lr_mult,
             hce_task_var=hce_task_var,
             absent_kind_var=absent_kind_var,
-            kind_aux_weight=kind_aux_weight,
-            context_lr_mult=context_lr_mult,
             task_net=task_net,
             frozen=teachers,
         )
-        self.student_targets = targets
 
     def missing_frozen(self) -> list[str]:
         return [*super().missing_frozen(), *(k for k in self.kinds if k not in self.frozen)]
@@ -178,28 +155,18 @@ class StudentSeg(ArtifactSeg):
     def target_list(
         self, image: Tensor, image_clean: Tensor, present: Tensor | None
     ) -> list[Tensor]:
-        """``[sigma_t^2(clean), sigma_i^2 of teacher i for each kind]``: teacher i sees
-        ``image`` (``student_targets=corrupted``) or, per sample, ``image`` where kind i is
-        present and ``image_clean`` elsewhere (``own_kind``); with ``absent_kind_var=zero`` the
-        target is 0 where kind i is absent (and teacher i is not run when no sample has it)."""
+        """``[sigma_t^2(clean), sigma_i^2 of teacher i on image for each kind]``; with
+        ``absent_kind_var=zero`` the target is 0 where kind i is absent (and teacher i is not
+        run when no sample has it)."""
         targets = super().target_list(image, image_clean, present)
         zero_absent = self.absent_kind_var == "zero"
-        if present is None and (zero_absent or self.student_targets == "own_kind"):
-            raise ValueError(
-                f"student_targets='{self.student_targets}', absent_kind_var="
-                f"'{self.absent_kind_var}' need the batch's 'artifact_kinds'"
-            )
+        if present is None and zero_absent:
+            raise ValueError("absent_kind_var='zero' needs the batch's 'artifact_kinds'")
         for k, kind in enumerate(self.kinds):
             sel = None if present is None else present[:, k].view(-1, 1, 1, 1, 1)
             if zero_absent and not bool(sel.any()):
                 targets.append(torch.zeros_like(targets[0]))
                 continue
-            seen = image
-            if self.student_targets == "own_kind" and not zero_absent and not bool(sel.all()):
-                seen = torch.where(sel, image, image_clean)  # (absent: the target is 0 anyway)
-            target = self.frozen[kind](seen)[1][:, 1:2].exp()
+            target = self.frozen[kind](image)[1][:, 1:2].exp()
             targets.append(torch.where(sel, target, 0.0) if zero_absent else target)
         return targets
-
-    def absent_pull(self, consistency: Tensor, pull: Tensor) -> Tensor:
-        return consistency  # its absent channels already have zero consistency targets
