@@ -247,3 +247,12 @@ def test_the_loader_checks_roles_and_refuses_foreign_files(tmp_path: Path) -> No
     bad = {**dict(student.hparams), "net": {**student.hparams["net"], "_target_": "os.system"}}
     with pytest.raises(ValueError, match="qcflow.models TwoHeadUNet"):
         UncertaintySeg.load_from_checkpoint(_save(student, tmp_path / "n.ckpt", bad))
+
+
+def test_the_classifier_experiment_comes_from_the_yaml_only() -> None:
+    from qcflow.tasks.kind_classifier import classifier_path
+
+    cfg = _cfg("kind_classifier", "~uncertainty.classifier_experiment")
+    with pytest.raises(ConfigError, match="uncertainty.classifier_experiment: missing") as err:
+        classifier_path(cfg, "latest")
+    assert "\n" not in str(err.value)

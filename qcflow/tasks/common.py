@@ -24,9 +24,23 @@ __all__ = [
     "build_callbacks",
     "build_trainer",
     "trainer_metrics",
+    "required",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def required(node: Mapping[str, Any], key: str, where: str) -> Any:
+    """``node[key]``, whose value the YAML gives (the only source of it: no default here).
+
+    Raises:
+        ConfigError: one line naming ``where.key`` when the key is missing.
+    """
+    from qcflow.errors import ConfigError
+
+    if key not in node:
+        raise ConfigError(f"{where}.{key}: missing from the config (conf/ gives it)")
+    return node[key]
 
 
 def seed_all(cfg: DictConfig) -> int:

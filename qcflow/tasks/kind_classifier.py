@@ -39,7 +39,7 @@ from qcflow.errors import ConfigError
 from qcflow.models.unet import PatchContext
 from qcflow.runs.folders import find_latest_run
 from qcflow.runs.resume import prepare_resume, resume_results
-from qcflow.tasks.common import seed_all
+from qcflow.tasks.common import required, seed_all
 from qcflow.utils.io import atomic_path
 
 __all__ = ["run", "volume_confusion", "classifier_path", "CLASSIFIER_FILE", "CHECKPOINT_KEYS"]
@@ -56,7 +56,7 @@ def classifier_path(cfg: DictConfig, value: str) -> Path:
     """``uncertainty.context_init``: a file, a run folder, or ``latest`` (the newest run of
     ``uncertainty.classifier_experiment``)."""
     if value == "latest":
-        name = str(cfg.uncertainty.get("classifier_experiment", "kind_classifier"))
+        name = str(required(cfg.uncertainty, "classifier_experiment", "uncertainty"))
         return find_latest_run(cfg.paths.runs_dir, name, require=CLASSIFIER_FILE) / CLASSIFIER_FILE
     path = Path(value).expanduser()
     return path / CLASSIFIER_FILE if path.is_dir() else path
@@ -146,8 +146,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     c = cfg.classifier
     kinds = [str(k) for k in c.kinds]
     patch, batch, steps = int(c.patch), int(c.batch), int(c.steps)
-    redraw, holdout, margin = int(c.redraw), int(c.holdout), int(c.get("margin", 0))
-    every = int(c.get("checkpoint_every", c.log_every))
+    redraw, holdout = int(c.redraw), int(c.holdout)
+    margin = int(required(c, "margin", "classifier"))
+    every = int(required(c, "checkpoint_every", "classifier"))
     if steps < 1 or batch < 1 or redraw < 0 or holdout < 1 or every < 0:
         raise ConfigError(
             f"classifier: need steps >= 1, batch >= 1, redraw >= 0, holdout >= 1, "

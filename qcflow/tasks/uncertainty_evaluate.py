@@ -35,7 +35,7 @@ from qcflow.qc.iqm import compute_iqms, head_mask
 from qcflow.qc.segmentation import predict_volume, spearman, summarize_prediction
 from qcflow.runs.folders import resolve_checkpoint
 from qcflow.runs.stages import load_stage
-from qcflow.tasks.common import seed_all
+from qcflow.tasks.common import required, seed_all
 from qcflow.utils.wandb import log_images, log_table
 
 __all__ = ["run", "severity_value", "decoupling_matrix", "evaluation_volumes", "kind_samplers"]
@@ -222,7 +222,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for k in sorted({r["kind"] for r in rows})
     }
     results["decoupling"] = decoupling_matrix(rows, sources)
-    if ecfg.get("figures", True):
+    if required(ecfg, "figures", "evaluate"):
         figures = save_figures(rows, examples, sources, out_dir / "figures")
         results["figures"] = [_relative(f, out_dir) for f in figures]
         log_images(cfg, {f"eval/{Path(f).stem}": f for f in figures})
