@@ -195,8 +195,17 @@ def renamed_override(args: list[str]) -> str | None:
     """
     import re
 
+    from qcflow.lit.uncertainty.legacy import RETIRED_OVERRIDES
+
     moved = None
     for arg in args:
+        path = re.sub(r"=.*$", "", arg.lstrip("+~"))
+        retired = [r for r in RETIRED_OVERRIDES if path in (r, r.replace(".module.", ".", 1))]
+        if retired:
+            return (
+                f"{arg}: {retired[0]} was retired (measured no gain; README of "
+                "experiments/shaw2021_uncertainty, Switches)"
+            )
         match = re.match(r"^[+~]*uncertainty\.([A-Za-z_]\w*)(=|$)", arg)
         if not match:
             continue

@@ -84,3 +84,22 @@ def test_renamed_method_b_overrides_fail_with_one_line_naming_the_new_form() -> 
         "qcflow: error: uncertainty.artifact_lr_mult=5: method B's stage arguments moved; "
         "use uncertainty.module.artifact_lr_mult=5"
     ]
+
+
+def test_retired_method_b_switches_fail_with_one_line() -> None:
+    """Switches that measured no gain (README of experiments/shaw2021_uncertainty, Switches)."""
+    from qcflow.cli import renamed_override
+
+    for arg, path in (
+        ("uncertainty.module.kind_aux_weight=1", "uncertainty.module.kind_aux_weight"),
+        ("uncertainty.context_lr_mult=1", "uncertainty.module.context_lr_mult"),
+        ("+uncertainty.module.student_targets=own_kind", "uncertainty.module.student_targets"),
+        ("model.context_max_offset=2", "model.context_max_offset"),
+        ("uncertainty.teacher_negatives=0.5", "uncertainty.teacher_negatives"),
+    ):
+        message = renamed_override([arg])
+        assert message is not None and f"{path} was retired" in message, arg
+    assert renamed_override(["uncertainty.module.absent_kind_var=zero"]) is None  # the student's
+    proc = run_cli("experiment=uncertainty_student", "uncertainty.module.kind_aux_weight=1")
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert "kind_aux_weight was retired" in proc.stderr

@@ -21,7 +21,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["NET_TARGET", "PREVIOUS_DEFAULTS", "RETIRED", "checkpoint_arguments"]
+__all__ = [
+    "NET_TARGET",
+    "PREVIOUS_DEFAULTS",
+    "RETIRED",
+    "RETIRED_OVERRIDES",
+    "checkpoint_arguments",
+]
 
 #: the network class of every checkpoint of the previous layout
 NET_TARGET = "qcflow.models.unet.TwoHeadUNet"
@@ -70,6 +76,16 @@ RETIRED = {
     "absent_kind_var": "free (teachers only; without negatives)",
     "net.context_max_offset": "any, unless context=True without attribution (offsets)",
 }
+
+
+#: the config paths of the retired switches (with the teachers' negatives, a sampler setting;
+#: absent_kind_var stays the student's)
+RETIRED_OVERRIDES = (
+    *(f"uncertainty.module.{k}" for k in RETIRED if k != "absent_kind_var" and "." not in k),
+    *(f"model.{k.removeprefix('net.')}" for k in RETIRED if k.startswith("net.")),
+    "uncertainty.teacher_negatives",
+    "uncertainty.negative_kinds",
+)
 
 
 def _refuse(setting: str) -> None:
