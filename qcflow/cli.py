@@ -195,7 +195,7 @@ def renamed_override(args: list[str]) -> str | None:
     """
     import re
 
-    from qcflow.lit.uncertainty.legacy import RETIRED_OVERRIDES
+    from qcflow.lit.retired import RETIRED_OVERRIDES  # plain data: no torch at start-up
 
     moved = None
     for arg in args:

@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from qcflow.lit.retired import RETIRED, RETIRED_OVERRIDES
+
 __all__ = [
     "NET_TARGET",
     "PREVIOUS_DEFAULTS",
@@ -64,27 +66,6 @@ _ARTIFACT = (
     "absent_kind_var",
     "kind_aux_weight",
     "context_lr_mult",
-)
-
-
-#: retired switches (README of experiments/shaw2021_uncertainty, "Switches") and when they had
-#: no effect
-RETIRED = {
-    "kind_aux_weight": "0 (no kind-presence loss)",
-    "context_lr_mult": "0 with a context branch (frozen), any value without one",
-    "student_targets": "corrupted, or own_kind with absent_kind_var=zero (the same targets)",
-    "absent_kind_var": "free (teachers only; without negatives)",
-    "net.context_max_offset": "any, unless context=True without attribution (offsets)",
-}
-
-
-#: the config paths of the retired switches (with the teachers' negatives, a sampler setting;
-#: absent_kind_var stays the student's)
-RETIRED_OVERRIDES = (
-    *(f"uncertainty.module.{k}" for k in RETIRED if k != "absent_kind_var" and "." not in k),
-    *(f"model.{k.removeprefix('net.')}" for k in RETIRED if k.startswith("net.")),
-    "uncertainty.teacher_negatives",
-    "uncertainty.negative_kinds",
 )
 
 
