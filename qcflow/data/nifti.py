@@ -53,7 +53,7 @@ from qcflow.data.nifti_checks import (
     not_nifti_reason,
 )
 from qcflow.errors import ScanError
-from qcflow.utils.io import NotRegularFileError, open_regular
+from qcflow.utils.io import NotRegularFileError, format_bytes, one_line, open_regular
 
 __all__ = [
     "load_nifti",
@@ -109,10 +109,6 @@ def max_scan_bytes() -> int:
     if not math.isfinite(mb) or mb <= 0:
         mb = DEFAULT_MAX_SCAN_MB
     return int(mb * 2**20)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 2**20:,.1f} MB" if n < 2**30 else f"{n / 2**30:,.1f} GB"
 
 
 class _GzipError(Exception):
@@ -251,7 +247,7 @@ def _parse_header(path: Path, head: bytes) -> _Header:
         n_bytes = math.prod(max(n, 0) for n in shape) * info.dtype.itemsize
         offset = int(header.get_data_offset())
     except Exception as exc:  # nibabel raises many types for a bad header
-        raise ScanError(path, f"unreadable NIfTI header ({_one_line(exc)})") from None
+        raise ScanError(path, f"unreadable NIfTI header ({one_line(exc)})") from None
     return _Header(klass, header, info, offset, n_bytes)
 
 
@@ -264,12 +260,7 @@ def _image(path: Path, h: _Header, raw: bytes) -> nib.Nifti1Image:
         proxy = h.klass.ImageArrayProxy(io.BytesIO(raw), h.header.copy(), mmap=False)
         return h.klass(proxy, h.header.get_best_affine(), h.header)
     except Exception as exc:
-        raise ScanError(path, f"unreadable NIfTI header ({_one_line(exc)})") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:200]
+        raise ScanError(path, f"unreadable NIfTI header ({one_line(exc)})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,10 +287,9 @@ def _load_checked(
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             raise ScanError(path, "empty file (0 bytes)")
+        limit = f"the scan size limit of {format_bytes(cap)} ({_LIMIT_HINT})"
         if size > cap + _HEADER_BYTES + GZIP_SLACK_BYTES:
-            raise ScanError(
-                path, f"file is {_mb(size)}, over the scan size limit of {_mb(cap)} ({_LIMIT_HINT})"
-            )
+            raise ScanError(path, f"file is {format_bytes(size)}, over {limit}")
         first = f.read(2)
         stream: _Plain | _Inflater = (
             _Inflater(f, first) if first == _GZIP_MAGIC else _Plain(f, first)
@@ -317,8 +307,8 @@ def _load_checked(
             if need > cap:
                 raise ScanError(
                     path,
-                    f"header claims {_mb(need)} of data ({fmt_shape(h.info.shape)} "
-                    f"{h.info.dtype}), over the scan size limit of {_mb(cap)} ({_LIMIT_HINT})",
+                    f"header claims {format_bytes(need)} of data ({fmt_shape(h.info.shape)} "
+                    f"{h.info.dtype}), over {limit}",
                 )
             raw = head + stream.read(need - len(head)) if need > len(head) else head
             if len(raw) >= need:  # a short stream is reported as truncated below
@@ -328,7 +318,7 @@ def _load_checked(
         except _BombError:
             raise ScanError(
                 path,
-                f"gzip stream inflates past the {_mb(need)} its header describes "
+                f"gzip stream inflates past the {format_bytes(need)} its header describes "
                 "(a decompression bomb or trailing data)",
             ) from None
         except PermissionError:
@@ -342,7 +332,7 @@ def _load_checked(
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:
-        raise ScanError(path, f"cannot read voxel data ({_one_line(exc)})") from None
+        raise ScanError(path, f"cannot read voxel data ({one_line(exc)})") from None
     for check in LABEL_DATA_CHECKS if label else DATA_CHECKS:  # an empty mask is legitimate
         reason = check(data)
         if reason:
@@ -421,5 +411,5 @@ def validate_scan(path: str | Path, max_bytes: int | None = None) -> dict[str, A
     except MemoryError:
         row.update(status="error", reason="too large to load into memory")
     except Exception as exc:  # a reader bug must not stop a batch validation
-        row.update(status="error", reason=f"unreadable ({_one_line(exc)})")
+        row.update(status="error", reason=f"unreadable ({one_line(exc)})")
     return {**row, **info}

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from qcflow.errors import BadFileError
-from qcflow.utils.io import atomic_path, open_regular
+from qcflow.utils.io import atomic_path, one_line, open_regular
 
 __all__ = [
     "MAX_BUNDLE_BYTES",
@@ -48,18 +48,13 @@ MAX_CHECKPOINT_BYTES = 4 << 30
 _CACHE_FORMAT = "qcflow-cache-1"
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:200]
-
-
 def _open(path: Path, max_bytes: int, what: str):  # noqa: ANN202 - a binary file object
     try:
         f = open_regular(path)
     except FileNotFoundError:
         raise BadFileError(path, f"{what} not found") from None
     except OSError as exc:  # not a regular file, permission denied, ...
-        raise BadFileError(path, f"cannot read {what} ({exc.strerror or _one_line(exc)})") from None
+        raise BadFileError(path, f"cannot read {what} ({exc.strerror or one_line(exc)})") from None
     size = os.fstat(f.fileno()).st_size
     if size > max_bytes:
         f.close()
@@ -191,6 +186,6 @@ def load_checked(path: str | Path, key: str, max_bytes: int = MAX_BUNDLE_BYTES) 
     except BadFileError as exc:
         reason = exc.reason
     except TypeError as exc:
-        reason = _one_line(exc)
+        reason = one_line(exc)
     log.warning("%s: cache entry not used, recomputing: %s", path, reason)
     return None

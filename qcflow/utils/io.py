@@ -9,7 +9,7 @@ renamed into place.
 Reading never blocks and never runs away: :func:`open_regular` opens only regular files (after
 resolving symbolic links, checked again on the open descriptor) with ``O_NONBLOCK``, so a FIFO, a
 device such as ``/dev/zero`` or a socket is refused with a reason instead of hanging or filling
-memory, and :func:`read_limited` refuses a file larger than a cap before reading it.
+memory; callers compare the descriptor's size with their cap before reading.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ __all__ = [
     "atomic_path",
     "flatten_scalars",
     "open_regular",
-    "read_limited",
     "NotRegularFileError",
-    "FileTooLargeError",
+    "format_bytes",
+    "one_line",
     "current_umask",
 ]
 
@@ -53,10 +53,6 @@ _KINDS = (
 
 class NotRegularFileError(OSError):
     """The path is not a regular file (a FIFO, a device, a socket, a folder)."""
-
-
-class FileTooLargeError(OSError):
-    """The file is larger than the caller's cap."""
 
 
 def current_umask() -> int:
@@ -109,25 +105,15 @@ def open_regular(path: str | Path):  # noqa: ANN201 - a binary file object
         raise
 
 
-def _mb(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """``n`` bytes for a message: ``"12.3 MB"`` below 1 GiB, else ``"64.0 GB"`` (binary units)."""
     return f"{n / 2**20:,.1f} MB" if n < 2**30 else f"{n / 2**30:,.1f} GB"
 
 
-def read_limited(path: str | Path, max_bytes: int) -> bytes:
-    """The content of a regular file of at most ``max_bytes`` bytes (see :func:`open_regular`).
-
-    Raises:
-        FileTooLargeError: the file is larger than ``max_bytes`` (nothing is read).
-        NotRegularFileError, FileNotFoundError, OSError: as :func:`open_regular`.
-    """
-    with open_regular(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > max_bytes:
-            raise FileTooLargeError(f"file is {_mb(size)}, over the limit of {_mb(max_bytes)}")
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:  # grew while being read
-        raise FileTooLargeError(f"file is over the limit of {_mb(max_bytes)}")
-    return data
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line (whitespace collapsed), at most ``limit`` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:limit]
 
 
 @contextmanager
