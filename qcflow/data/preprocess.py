@@ -218,17 +218,19 @@ def preprocess_scan(scan: Scan, pcfg: PreprocessConfig, with_label: bool = True)
     return result
 
 
-def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-1 of a file's bytes (hex); only regular files are read (a FIFO never blocks).
+def file_digest(path: str | Path, *more: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-1 (hex) of a file's bytes, or of several files' bytes one after the other; only
+    regular files are read, in chunks (a FIFO never blocks).
 
     Raises:
         OSError: not a regular file (:class:`~qcflow.utils.io.NotRegularFileError`), missing
             or unreadable.
     """
     h = hashlib.sha1()
-    with open_regular(path) as f:
-        while block := f.read(chunk):
-            h.update(block)
+    for file in (path, *more):
+        with open_regular(file) as f:
+            while block := f.read(chunk):
+                h.update(block)
     return h.hexdigest()
 
 

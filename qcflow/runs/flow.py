@@ -17,7 +17,6 @@ A ``flow_density`` run folder holds
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from qcflow.data.preprocess import PreprocessConfig
+from qcflow.data.preprocess import PreprocessConfig, file_digest
 from qcflow.errors import BadFileError, ConfigError
 from qcflow.models.encoder import EncoderEnsemble
 from qcflow.models.flow import DensityFlow
@@ -198,16 +197,6 @@ def load_flow(run_dir: str | Path) -> tuple[DensityFlow, dict[str, Any]]:
     return density.eval(), bundle
 
 
-def _files_digest(files: Sequence[Path]) -> str:
-    """SHA-1 of the files' bytes, read in chunks from regular files."""
-    digest = hashlib.sha1()
-    for file in files:
-        with open_regular(file) as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def load_density_model(run: str | Path, sites: bool = False) -> DensityModel:
     """A ``flow_density`` run, loaded for scoring: flow, encoder(s), training codes, the
     preprocessing its encoder was trained with, and the digest of its files.
@@ -240,7 +229,7 @@ def load_density_model(run: str | Path, sites: bool = False) -> DensityModel:
         train_codes=codes,
         train_logp=logp,
         preprocess=PreprocessConfig.from_data_cfg(OmegaConf.create(data)) if data else None,
-        digest=_files_digest([run / FLOW_FILE, *ckpts]),
+        digest=file_digest(run / FLOW_FILE, *ckpts),
         train_sites=training_sites(data) if sites else None,
     )
 
