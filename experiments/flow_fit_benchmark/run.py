@@ -1,10 +1,11 @@
 """How long does the Lightning flow fit take against the hand-written Adam loop it replaced?
 
-``qcflow.lit.flow.fit_density`` (Lightning: one ``trainer.fit`` per mixture member, the best held-out
-epoch kept by ``ModelCheckpoint``) replaced a plain Adam loop. Both give the same parameters on
-the same seed (``tests/test_flow_density.py``); this times them on the study's flow setting
-(RealNVP, 6 couplings, hidden [32, 32], 300 epochs, 20 % held out) on synthetic codes of the
-study's size, interleaved, 1 thread. Prints one JSON line; ``--out FILE`` also writes it.
+``qcflow.lit.flow.fit_density`` (Lightning: one ``trainer.fit`` per mixture member, the best
+held-out epoch kept by ``ModelCheckpoint``) replaced a plain Adam loop. Both give the same
+parameters on the same seed (``tests/test_flow_density.py``); this times them on the study's
+flow setting (RealNVP, 6 couplings, hidden [32, 32], 300 epochs, 20 % held out) on synthetic
+codes of the study's size, interleaved, 1 thread.
+Prints one JSON line; ``--out FILE`` also writes it.
 """
 
 from __future__ import annotations
