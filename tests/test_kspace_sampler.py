@@ -181,6 +181,7 @@ EXPECTED = {
     "blur": ("blur",),
     "wrap": ("wrap",),
     "motion": ("motion",),
+    "motion_strong": ("motion",),
     "bias": ("bias",),
     "ghosting": ("ghosting",),
     "anisotropy": ("anisotropy",),
@@ -189,6 +190,16 @@ EXPECTED = {
     "contrastive_all": ("bias", "motion", "spike", "noise", "blur", "wrap"),
     "contrastive_mild": ("bias", "motion", "spike", "noise", "blur", "wrap"),
     "contrastive_graded": ("bias", "motion", "spike", "noise", "blur", "wrap"),
+    "contrastive_full": (
+        "bias",
+        "motion",
+        "ghosting",
+        "spike",
+        "noise",
+        "blur",
+        "wrap",
+        "anisotropy",
+    ),
     "none": (),
 }
 

@@ -7,7 +7,7 @@ parameter is drawn from and draws an explicit parameter record
 every strength range towards milder settings (the severity curriculum), never past a per-kind
 floor. Defaults are the papers' where they give them (see :mod:`qcflow.kspace.sampler`).
 
-Length: one concept, a range class per kind (eight kinds), hence ~470 lines.
+Length: one concept, a range class per kind (eight kinds), hence ~590 lines.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ __all__ = [
     "SpikeRange",
     "STRENGTH_FIELDS",
     "WrapRange",
+    "axis_angle_to_degrees",
     "interpolate_ranges",
     "parse_kind",
     "probability",
@@ -216,9 +217,84 @@ class WrapRange:
         )
 
 
+def _window(v: Sequence[float] | None, name: str) -> tuple[float, float] | None:
+    # a [low, high] window of movement times inside the open interval (0, 1), or None
+    if v is None:
+        return None
+    lo, hi = _pair(v, name, symmetric=False)
+    if not 0.0 < lo <= hi < 1.0:
+        raise ValueError(f"{name} must lie inside (0, 1), got {[lo, hi]}")
+    return lo, hi
+
+
+def _directions(d: Draw, n: int) -> Tensor:
+    """``n`` unit vectors uniform on the sphere, ``(n, 3)`` (Archimedes: ``z`` uniform)."""
+    z = d.uniforms(-1.0, 1.0, n)
+    phi = d.uniforms(0.0, 2.0 * math.pi, n)
+    r = (1.0 - z * z).clamp_min(0.0).sqrt()
+    return torch.stack([r * phi.cos(), r * phi.sin(), z], dim=1)
+
+
+def axis_angle_to_degrees(axis: Sequence[float], angle: float) -> tuple[float, float, float]:
+    """Rotation by ``angle`` degrees about the unit ``axis`` as the angles of ``rotation_matrix``.
+
+    :func:`~qcflow.kspace.params.rotation_matrix` composes ``R_2(c) R_1(b) R_0(a)`` (rotations
+    about image axes 0, 1, 2); this inverts it for the Rodrigues matrix of ``(axis, angle)``,
+    so a :class:`MotionParams` record keeps its per-axis form. Exact for ``angle < 90``
+    (``|b| <= angle``, away from the ``|b| = 90`` singularity).
+    """
+    u = [float(v) for v in axis]
+    th = math.radians(float(angle))
+    c, s = math.cos(th), math.sin(th)
+    k = 1.0 - c
+    # Rodrigues: R = c I + s [u]_x + (1 - c) u u^T; only the entries the angles need
+    r00 = c + k * u[0] * u[0]
+    r10 = s * u[2] + k * u[1] * u[0]
+    r20 = -s * u[1] + k * u[2] * u[0]
+    r21 = s * u[0] + k * u[2] * u[1]
+    r22 = c + k * u[2] * u[2]
+    a = math.atan2(r21, r22)
+    b = math.asin(max(-1.0, min(1.0, -r20)))
+    g = math.atan2(r10, r00)
+    return math.degrees(a), math.degrees(b), math.degrees(g)
+
+
 @dataclass(frozen=True)
 class MotionRange:
-    """Ranges of :class:`MotionParams` (TorchIO ``RandomMotion``'s defaults and time model)."""
+    """Ranges of :class:`MotionParams`: rigid movements of the Shaw et al. 2019 motion model.
+
+    Defaults are TorchIO ``RandomMotion``'s: ``num_movements`` 1-3 at evenly spaced times
+    ``j / (n + 1)`` jittered by ``perturbation`` (30 %) of the spacing, and per movement a
+    rotation about each image axis uniform in ``degrees`` (-10 to 10) and a translation along
+    each axis uniform in ``translation`` (-10 to 10 mm). Each movement is a pose relative to the
+    original one (position 0).
+
+    Two options reach the strengths of real corrupted scans, where every movement is large and
+    some happen while the central k-space lines are acquired (issue 17):
+
+    * ``magnitude=True``: ``degrees`` and ``translation`` are ranges of the movement's size,
+      not of per-axis components. Each movement draws a rotation axis uniform on the sphere and
+      an angle uniform in ``degrees`` (so ``[5, 20]`` is a 5-20 degree rotation with a random
+      sense), and a translation direction uniform on the sphere and a length uniform in
+      ``translation`` (mm). Per-axis draws (the default) set the size only indirectly: three
+      uniform components in [-10, 10] rotate by anywhere in 0-17 degrees (under 5 degrees for
+      ~6 % of the movements), and no range of sizes can be asked for. The rotation is stored
+      as the per-axis angles of :func:`~qcflow.kspace.params.rotation_matrix`
+      (:func:`axis_angle_to_degrees`), so records keep their form. Both ranges must lie in
+      ``[0, 90]`` degrees / ``[0, inf)`` mm; a single number ``d`` is the fixed size ``d``.
+    * ``times=[lo, hi]``: movement times uniform in that window of the phase-encode order
+      (sorted; ``perturbation`` unused) instead of evenly spaced. The segment holding the
+      k-space centre keeps the original pose
+      (:func:`~qcflow.kspace.params.motion_position_of_segment`), so movements near 0.5
+      shrink it and take low frequencies from moved poses -- the strong ghosting and
+      blurring of a subject that moves mid-scan.
+      ``centre_p`` draws each movement's time, with that probability, from the window
+      ``centre_times`` instead (e.g. ``[0.4, 0.6]``), so that part of the movements fall near
+      the centre while the others spread over the scan.
+
+    The defaults (``magnitude=False``, ``times=None``) draw TorchIO's way, in a fixed order
+    from the generator, so a config without the options gives the same parameters per seed.
+    """
 
     p: float = 1.0
     degrees: tuple[float, float] = (-10.0, 10.0)
@@ -226,27 +302,62 @@ class MotionRange:
     num_movements: tuple[int, int] = (1, 3)
     pe_axes: tuple[int, ...] = (0, 1, 2)
     perturbation: float = 0.3
+    magnitude: bool = False
+    times: tuple[float, float] | None = None
+    centre_times: tuple[float, float] = (0.4, 0.6)
+    centre_p: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "p", probability(self.p, "motion.p"))
-        object.__setattr__(self, "degrees", _pair(self.degrees, "motion.degrees"))
-        object.__setattr__(self, "translation", _pair(self.translation, "motion.translation"))
+        object.__setattr__(self, "magnitude", bool(self.magnitude))
+        sym = not self.magnitude  # a magnitude range d is [d, d], a per-axis one [-d, d]
+        object.__setattr__(self, "degrees", _pair(self.degrees, "motion.degrees", sym))
+        object.__setattr__(self, "translation", _pair(self.translation, "motion.translation", sym))
         object.__setattr__(
             self, "num_movements", _int_pair(self.num_movements, "motion.num_movements")
         )
         object.__setattr__(self, "pe_axes", _axes(self.pe_axes, "motion.pe_axes"))
+        object.__setattr__(self, "times", _window(self.times, "motion.times"))
+        object.__setattr__(self, "centre_times", _window(self.centre_times, "motion.centre_times"))
+        object.__setattr__(self, "centre_p", probability(self.centre_p, "motion.centre_p"))
         if self.num_movements[0] < 1:
             raise ValueError(f"motion.num_movements must be >= 1, got {self.num_movements}")
         if not 0.0 <= self.perturbation < 0.5:
             raise ValueError(f"motion.perturbation must be in [0, 0.5), got {self.perturbation}")
+        if self.magnitude and not (
+            self.degrees[0] >= 0.0 and self.degrees[1] <= 90.0 and self.translation[0] >= 0.0
+        ):
+            raise ValueError(
+                "motion.magnitude: degrees must lie in [0, 90] and translation be >= 0, got "
+                f"{list(self.degrees)}, {list(self.translation)}"
+            )
+        if self.centre_p > 0.0 and self.times is None:
+            raise ValueError("motion.centre_p needs a motion.times window")
+
+    def _times(self, d: Draw, n: int) -> list[float]:
+        if self.times is None:  # TorchIO RandomMotion: evenly spaced, jittered
+            step = 1.0 / (n + 1)
+            jitter = d.uniforms(-step * self.perturbation, step * self.perturbation, n)
+            return (torch.arange(1, n + 1, dtype=torch.float64) * step + jitter).tolist()
+        central = (
+            d.rand(n) < self.centre_p if self.centre_p > 0.0 else torch.zeros(n, dtype=torch.bool)
+        )
+        t = torch.where(central, d.uniforms(*self.centre_times, n), d.uniforms(*self.times, n))
+        return sorted(t.tolist())
+
+    def _movements(self, d: Draw, n: int) -> tuple[list[Any], list[Any]]:
+        if not self.magnitude:  # TorchIO RandomMotion: each component uniform
+            deg = d.uniforms(*self.degrees, n, 3).tolist()
+            return deg, d.uniforms(*self.translation, n, 3).tolist()
+        axes, angles = _directions(d, n).tolist(), d.uniforms(*self.degrees, n).tolist()
+        deg = [axis_angle_to_degrees(u, a) for u, a in zip(axes, angles, strict=True)]
+        tra = _directions(d, n) * d.uniforms(*self.translation, n)[:, None]
+        return deg, tra.tolist()
 
     def sample(self, d: Draw) -> MotionParams:
         n = d.integer(*self.num_movements)
-        step = 1.0 / (n + 1)
-        jitter = d.uniforms(-step * self.perturbation, step * self.perturbation, n)
-        times = (torch.arange(1, n + 1, dtype=torch.float64) * step + jitter).tolist()
-        deg = d.uniforms(*self.degrees, n, 3).tolist()
-        tra = d.uniforms(*self.translation, n, 3).tolist()
+        times = self._times(d, n)
+        deg, tra = self._movements(d, n)
         return MotionParams(
             times=tuple(times),
             degrees=tuple(tuple(v) for v in deg),
@@ -414,6 +525,12 @@ def _no_milder_than(pair: tuple[float, float], floor: float, milder: int) -> tup
     return min(lo, -a), max(hi, a)
 
 
+def _magnitude_pair(v: float | Sequence[float], name: str) -> tuple[float, float]:
+    # a per-axis (symmetric) range read as a range of sizes: d or [-d, d] -> [0, d]
+    lo, hi = _pair(v, name)
+    return (lo, hi) if lo >= 0.0 else (0.0, max(-lo, abs(hi)))
+
+
 def interpolate_ranges(
     start: Mapping[str, Any],
     end: Mapping[str, Mapping[str, Sequence[float]]],
@@ -428,7 +545,9 @@ def interpolate_ranges(
     ``t = 0`` returns ``start``'s ranges unchanged. A bound that the start already puts beyond
     the floor (the paper's 30 dB upper SNR against a 20 dB floor) moves to the floor; every
     other bound stays on the strong side of it for every ``t``. Other fields (probabilities,
-    counts, axes) are kept.
+    counts, axes) are kept. A motion range with ``magnitude=True`` holds movement sizes: a
+    smaller size is milder, a per-axis ``end`` (``d`` or ``[-d, d]``) reads as sizes ``[0, d]``
+    and its ``floor`` is the smallest size either bound may reach.
 
     Args:
         start: kind -> range dataclass or ``None`` (:attr:`RandomArtifacts.ranges`).
@@ -463,7 +582,11 @@ def interpolate_ranges(
             if k != kind or (name not in end.get(kind, {}) and name not in floor.get(kind, {})):
                 continue
             a = getattr(rng, name)
-            b = _pair(end.get(kind, {}).get(name, a), f"{kind}.{name}", symmetric=milder == 0)
+            if kind == "motion" and getattr(rng, "magnitude", False):
+                milder = -1  # movement sizes: a smaller one is milder
+                b = _magnitude_pair(end.get(kind, {}).get(name, a), f"{kind}.{name}")
+            else:
+                b = _pair(end.get(kind, {}).get(name, a), f"{kind}.{name}", symmetric=milder == 0)
             if name in floor.get(kind, {}):
                 b = _no_milder_than(b, float(floor[kind][name]), milder)
             changes[name] = tuple((1.0 - t) * x + t * y for x, y in zip(a, b, strict=True))
