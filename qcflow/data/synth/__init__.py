@@ -27,6 +27,9 @@ module                what it holds
                       bias field, k-space noise and truncation, padding and scale
 ``artifacts``         the dataset's artifact kinds, their severity ranges and parameter draws,
                       and where each acts (:data:`ARTIFACT_KINDS`, :data:`UNSIMULATED_KINDS`)
+``variation``         ``data.embedded.variation``: ``cohort`` (default: per-cohort contrast and
+                      acquisition, small jitter) or ``wide`` (SynthSeg-style: contrast, atrophy,
+                      shape, head layers, acquisition and S coverage drawn per subject)
 ``scan``              one scan, assembled in physical order (:func:`synthesize_scan`)
 ``bids``              writing a scan and a split's tables as BIDS
 ``build``             the config, the plan of scans per split, the build and its cache
@@ -59,6 +62,7 @@ from qcflow.data.synth.build import (
     plan_scans,
 )
 from qcflow.data.synth.scan import ScanSpec, synthesize_scan
+from qcflow.data.synth.variation import VARIATIONS
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -66,6 +70,7 @@ __all__ = [
     "UNSIMULATED_KINDS",
     "SEVERITY_RANGES",
     "SPLITS",
+    "VARIATIONS",
     "TISSUES",
     "CHANNELS",
     "Cohort",

@@ -170,8 +170,10 @@ def pad_and_scale(
     affine: np.ndarray,
     cohort: Cohort,
     spacing: float,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any], np.ndarray]:
-    """Storage: the cohort's exact-zero padding on every RAS axis, then its intensity scale.
+    """Storage: the cohort's exact-zero padding on every RAS axis, then its intensity scale
+    (or ``scale``, a subject's own under ``variation: wide``).
 
     Returns:
         ``(image, labels, affine)``: padded image times ``cohort.scale``, the labels padded
@@ -187,4 +189,4 @@ def pad_and_scale(
         labels = {k: F.pad(v[None, None].float(), spec_pad)[0, 0] for k, v in labels.items()}
         affine = affine.copy()
         affine[:3, 3] -= affine[:3, :3] @ np.asarray(pad, dtype=np.float64)
-    return image * cohort.scale, labels, affine
+    return image * (cohort.scale if scale is None else scale), labels, affine

@@ -10,9 +10,10 @@
 Subject numbers continue across splits (``train`` 1..n, then ``test_clean``, then
 ``test_artifact``), so every ``participant_id`` is unique in the whole dataset. The folder name
 hashes every generator parameter (:meth:`EmbeddedConfig.params`, with
-:data:`GENERATOR_VERSION`). The build goes into a temporary sibling folder renamed into place
-only when complete (:func:`qcflow.utils.io.atomic_dir`) and ``dataset_complete.json`` is
-written last, so an interrupted build is never trusted; a later call rebuilds.
+:data:`GENERATOR_VERSION`; ``variation`` only when not ``cohort``). The build goes into a
+temporary sibling folder renamed into place only when complete
+(:func:`qcflow.utils.io.atomic_dir`) and ``dataset_complete.json`` is written last, so an
+interrupted build is never trusted; a later call rebuilds.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from qcflow.data.synth.acquisition import COHORTS
 from qcflow.data.synth.artifacts import ARTIFACT_KINDS
 from qcflow.data.synth.bids import write_scan, write_split_metadata
 from qcflow.data.synth.scan import ScanSpec, synthesize_scan
+from qcflow.data.synth.variation import VARIATIONS
 from qcflow.errors import ConfigError
 from qcflow.utils.io import atomic_dir, atomic_write_json
 
@@ -73,6 +75,7 @@ class EmbeddedConfig:
     artifact_fraction: float = 0.05
     n_cohorts: int = 4
     seed: int = 0
+    variation: str = "cohort"
     progress: bool = True
 
     @classmethod
@@ -100,12 +103,17 @@ class EmbeddedConfig:
             artifact_fraction=float(cfg.get("artifact_fraction", cls.artifact_fraction)),
             n_cohorts=int(cfg.get("n_cohorts", cls.n_cohorts)),
             seed=int(cfg.get("seed", cls.seed)),
+            variation=cfg.get("variation", cls.variation),
             progress=bool(cfg.get("progress", cls.progress)),
         )
         out.validate()
         return out
 
     def validate(self) -> None:
+        if not isinstance(self.variation, str) or self.variation not in VARIATIONS:
+            raise ConfigError(
+                f"data.embedded.variation: {self.variation!r} is not one of {list(VARIATIONS)}"
+            )
         if not 0.5 <= self.spacing <= 8.0:
             raise ConfigError(f"data.embedded.spacing: {self.spacing} mm is outside [0.5, 8]")
         if self.n_subjects < 1:
@@ -122,8 +130,12 @@ class EmbeddedConfig:
             )
 
     def params(self) -> dict[str, Any]:
-        """Everything that determines the generated voxels (what the folder hash covers)."""
-        return {
+        """Everything that determines the generated voxels (what the folder hash covers).
+
+        ``variation`` is included only when it is not ``cohort``, so the default dataset keeps
+        the folder (and hash) it had before the setting existed.
+        """
+        out = {
             "generator_version": GENERATOR_VERSION,
             "spacing": self.spacing,
             "n_subjects": self.n_subjects,
@@ -133,6 +145,9 @@ class EmbeddedConfig:
             "n_cohorts": self.n_cohorts,
             "seed": self.seed,
         }
+        if self.variation != "cohort":
+            out["variation"] = self.variation
+        return out
 
 
 def embedded_name(cfg: EmbeddedConfig) -> str:
@@ -144,7 +159,7 @@ def embedded_name(cfg: EmbeddedConfig) -> str:
 
 def plan_scans(cfg: EmbeddedConfig) -> dict[str, list[ScanSpec]]:
     """Which scans each split holds: ids, cohorts (round robin), artifacts, seeds."""
-    cohorts = COHORTS[: cfg.n_cohorts]
+    cohorts, v = COHORTS[: cfg.n_cohorts], cfg.variation
     n_art = cfg.n_test_per_kind * len(ARTIFACT_KINDS)
     total = cfg.n_subjects + cfg.n_test_clean + n_art
     width = max(3, len(str(total)))
@@ -168,17 +183,24 @@ def plan_scans(cfg: EmbeddedConfig) -> dict[str, list[ScanSpec]]:
     for i in range(cfg.n_subjects):
         kind, sev = corrupt.get(i, ("none", 0))
         plan["train"].append(
-            ScanSpec(pid(), "train", i, cohorts[i % len(cohorts)], kind, sev, (cfg.seed, 0, i))
+            ScanSpec(pid(), "train", i, cohorts[i % len(cohorts)], kind, sev, (cfg.seed, 0, i), v)
         )
     for i in range(cfg.n_test_clean):
         plan["test_clean"].append(
-            ScanSpec(pid(), "test_clean", i, cohorts[i % len(cohorts)], entropy=(cfg.seed, 1, i))
+            ScanSpec(
+                pid(),
+                "test_clean",
+                i,
+                cohorts[i % len(cohorts)],
+                entropy=(cfg.seed, 1, i),
+                variation=v,
+            )  # fmt: skip
         )
     i = 0
     for kind in ARTIFACT_KINDS:
         for j in range(cfg.n_test_per_kind):
             cohort = cohorts[i % len(cohorts)]
-            spec = ScanSpec(pid(), "test_artifact", i, cohort, kind, 1 + j % 3, (cfg.seed, 2, i))
+            spec = ScanSpec(pid(), "test_artifact", i, cohort, kind, 1 + j % 3, (cfg.seed, 2, i), v)
             plan["test_artifact"].append(spec)
             i += 1
     return plan
@@ -281,7 +303,8 @@ def ensure_embedded(
     Args:
         cfg: the ``data.embedded`` block (DictConfig or mapping): ``dir``, ``spacing``,
             ``n_subjects``, ``n_test_clean``, ``n_test_per_kind``, ``artifact_fraction``,
-            ``n_cohorts``, ``seed`` and optional ``progress``.
+            ``n_cohorts``, ``seed``, ``variation`` (``cohort`` | ``wide``,
+            :mod:`qcflow.data.synth.variation`) and optional ``progress``.
         return_info: also return a JSON-serialisable dict (name, counts, build seconds,
             ``reused``).
 
