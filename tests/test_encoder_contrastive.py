@@ -144,6 +144,51 @@ def test_positive_nuisance_changes_only_the_positive_and_is_off_by_default(
         _positive_nuisance({"sparkle": {"p": 1.0}})
 
 
+def test_zoom_slice_scales_content_about_the_centre() -> None:
+    from qcflow.data.contrastive import zoom_slice
+
+    x = torch.zeros(1, 40, 40)
+    x[:, 15:25, 15:25] = 1.0  # a centred 10x10 square: area 100
+    torch.testing.assert_close(zoom_slice(x, 1.0), x)
+    for factor in (0.8, 1.25):
+        z = zoom_slice(x, factor)
+        assert z.shape == x.shape
+        assert float(z.sum()) == pytest.approx(100.0 * factor**2, rel=0.05)
+        # still centred: symmetric about the middle
+        torch.testing.assert_close(z, z.flip(-1), atol=1e-5, rtol=0)
+
+
+def test_positive_gamma_and_zoom_change_only_the_positive(volumes, tmp_path: Path) -> None:
+    from qcflow.errors import ConfigError
+    from qcflow.tasks.encoder_contrastive import _pair
+
+    sampler = RandomArtifacts(rate=1.0, noise={"p": 1.0}, seed=0)
+    kw = {"size": 32, "n_central": 6, "queries_per_volume": 2, "corrupt": sampler,
+          "n_corrupt": 1, "deterministic": True}  # fmt: skip
+    plain = ContrastiveSliceDataset(volumes, **kw)
+    gamma = ContrastiveSliceDataset(volumes, positive_gamma=(0.5, 0.5), **kw)
+    zoom = ContrastiveSliceDataset(volumes, positive_zoom=(0.8, 0.8), **kw)
+    for idx in range(len(plain)):
+        a, g, z = plain[idx], gamma[idx], zoom[idx]
+        torch.testing.assert_close(a["query"], g["query"])
+        torch.testing.assert_close(a["corrupted"], z["corrupted"])
+        # x^0.5 is monotone: it brightens mid-range values and keeps the order of pixels
+        base = a["positive"].clamp(min=0).flatten()
+        torch.testing.assert_close(g["positive"].flatten(), base**0.5, atol=1e-4, rtol=1e-4)
+        # zoom 0.8 shrinks the head: less signal in the slice
+        assert float(z["positive"].sum()) < float(a["positive"].sum())
+    ranged = ContrastiveSliceDataset(volumes, positive_gamma=(0.6, 1.6), **kw)
+    assert ranged[0]["positive"].shape == (1, 32, 32)
+    with pytest.raises(ValueError, match="positive_gamma"):
+        ContrastiveSliceDataset(volumes, positive_gamma=(1.5, 0.5), **kw)
+    cfg = compose_cfg(["experiment=encoder_contrastive_paper"], tmp_path)
+    assert cfg.contrastive.positive_gamma is None and cfg.contrastive.positive_zoom is None
+    assert _pair(None, "x") is None and _pair([0.6, 1.6], "x") == [0.6, 1.6]
+    for bad in ([0.0, 1.0], [2.0, 1.0], "wide", [1.0]):
+        with pytest.raises(ConfigError, match="contrastive.positive_zoom"):
+            _pair(bad, "contrastive.positive_zoom")
+
+
 def test_corrupt_slice_keeps_motion_in_plane() -> None:
     img = torch.zeros(1, 24, 24)
     img[:, 6:18, 8:16] = 0.8

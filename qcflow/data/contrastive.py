@@ -32,10 +32,12 @@ Two ways to make the corrupted copies (``negatives_3d``):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -77,6 +79,30 @@ def axial_stack(volume: Tensor, n_central: int | None, size: int) -> Tensor:
     return torch.stack([fit_square(extract_slice(volume, "axial", i), size) for i in idx])
 
 
+def _log_range(value: Sequence[float] | None, name: str) -> tuple[float, float] | None:
+    """A ``(lo, hi)`` range of positive factors (``None`` stays ``None``)."""
+    if value is None:
+        return None
+    lo, hi = (float(v) for v in value)
+    if not 0.0 < lo <= hi:
+        raise ValueError(f"{name} must be a range 0 < lo <= hi, got {list(value)}")
+    return lo, hi
+
+
+def _log_uniform(bounds: tuple[float, float], g: torch.Generator) -> float:
+    """One draw, log-uniform in ``bounds``."""
+    lo, hi = (math.log(b) for b in bounds)
+    return math.exp(lo + (hi - lo) * float(torch.rand((), generator=g)))
+
+
+def zoom_slice(x: Tensor, factor: float) -> Tensor:
+    """``(C, H, W)`` scaled by ``factor`` about its centre, same shape (bilinear, zeros
+    outside): content ``factor`` times larger."""
+    theta = torch.tensor([[1.0 / factor, 0.0, 0.0], [0.0, 1.0 / factor, 0.0]], dtype=x.dtype)
+    grid = F.affine_grid(theta[None], [1, *x.shape], align_corners=False)
+    return F.grid_sample(x[None], grid, mode="bilinear", align_corners=False)[0]
+
+
 class ContrastiveSliceDataset(Dataset):
     """Query/positive/corrupted-copies items over a :class:`VolumeDataset`.
 
@@ -100,6 +126,13 @@ class ContrastiveSliceDataset(Dataset):
         positive_nuisance: sampler applied to the positive slice (2-D, like the 2-D negatives):
             nuisance that clean scans carry too (a little noise, a weak bias field), so the
             code learns to ignore it (``None``: the paper's plain positive).
+        positive_gamma: ``(lo, hi)``: the positive slice's intensities are raised to a power
+            γ drawn log-uniformly in the range (x ↦ max(x, 0)^γ on the [0, 1]-scaled slice), a
+            monotone change of contrast like those between scanners and sequences (tissue
+            order kept), so the code learns to ignore the contrast curve (``None``: none).
+        positive_zoom: ``(lo, hi)``: the positive slice is scaled about its centre by a factor
+            drawn log-uniformly in the range (bilinear), so the code learns to ignore head
+            size (``None``: none).
 
     Items: ``{"query": (1, S, S), "positive": (1, S, S), "corrupted": (K, 1, S, S),
     "index": int, "query_slice": int, "positive_orientation": int (into ORIENTATIONS order
@@ -123,6 +156,8 @@ class ContrastiveSliceDataset(Dataset):
         bank_reuse: int = 16,
         percentiles: Sequence[float] | None = (0.5, 99.5),
         positive_nuisance: RandomArtifacts | None = None,
+        positive_gamma: Sequence[float] | None = None,
+        positive_zoom: Sequence[float] | None = None,
     ) -> None:
         bad = set(positive_orientations) - {"coronal", "sagittal"}
         if bad or not positive_orientations:
@@ -144,6 +179,8 @@ class ContrastiveSliceDataset(Dataset):
         self.spacing = float(spacing)
         self.negatives_3d = bool(negatives_3d)
         self.positive_nuisance = positive_nuisance
+        self.positive_gamma = _log_range(positive_gamma, "positive_gamma")
+        self.positive_zoom = _log_range(positive_zoom, "positive_zoom")
         if self.negatives_3d and self.n_corrupt > bank_size:
             raise ValueError(f"n_corrupt={self.n_corrupt} exceeds bank_size={bank_size}")
         self.bank = (
@@ -215,6 +252,11 @@ class ContrastiveSliceDataset(Dataset):
                 y, record = corrupt_slice(self.corrupt, raw, g, (self.spacing, self.spacing))
                 corrupted.append(fit_square(y, self.size))
                 kinds.append(kind_code(record.get("kinds", [])))
+        # drawn last, so these options change the positive only (same queries and negatives)
+        if self.positive_gamma is not None:
+            positive = positive.clamp(min=0.0) ** _log_uniform(self.positive_gamma, g)
+        if self.positive_zoom is not None:
+            positive = zoom_slice(positive, _log_uniform(self.positive_zoom, g))
         return {
             "query": query,
             "positive": positive,
@@ -243,6 +285,8 @@ class ContrastiveDataModule(ScanDataModule):
         bank_reuse: uses of a training copy before it is redrawn.
         positive_nuisance: sampler of nuisance applied to the positive slices (training and
             validation; ``None``: the paper).
+        positive_gamma, positive_zoom: contrast and size nuisance of the positive slices
+            (:class:`ContrastiveSliceDataset`; ``None``: the paper).
     """
 
     def __init__(
@@ -257,6 +301,8 @@ class ContrastiveDataModule(ScanDataModule):
         bank_size: int = 4,
         bank_reuse: int = 16,
         positive_nuisance: RandomArtifacts | None = None,
+        positive_gamma: Sequence[float] | None = None,
+        positive_zoom: Sequence[float] | None = None,
     ) -> None:
         super().__init__(data_cfg, with_label=False, scans=scans)
         if corrupt is not None and corrupt.rate < 1.0:
@@ -270,6 +316,8 @@ class ContrastiveDataModule(ScanDataModule):
         self.bank_size = int(bank_size)
         self.bank_reuse = int(bank_reuse)
         self.positive_nuisance = positive_nuisance
+        self.positive_gamma = positive_gamma
+        self.positive_zoom = positive_zoom
         self._datasets: dict[bool, ContrastiveSliceDataset] = {}
 
     def _dataset(self, scans: Sequence[Any], train: bool) -> ContrastiveSliceDataset:
@@ -291,6 +339,8 @@ class ContrastiveDataModule(ScanDataModule):
             bank_reuse=self.bank_reuse,
             percentiles=None if percentiles is None else [float(v) for v in percentiles],
             positive_nuisance=self.positive_nuisance,
+            positive_gamma=self.positive_gamma,
+            positive_zoom=self.positive_zoom,
         )
 
     def _cached_dataset(self, train: bool) -> ContrastiveSliceDataset:

@@ -64,6 +64,21 @@ def _positive_nuisance(spec: Any) -> Any:
         raise ConfigError(f"contrastive.positive_nuisance: {err}") from err
 
 
+def _pair(value: Any, name: str) -> list[float] | None:
+    """A ``[lo, hi]`` config range (``null``: off); anything else is a one-line error."""
+    if value is None:
+        return None
+    from qcflow.errors import ConfigError
+
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be [lo, hi] or null, got {value!r}") from None
+    if not 0.0 < lo <= hi:
+        raise ConfigError(f"{name} must satisfy 0 < lo <= hi, got [{lo}, {hi}]")
+    return [lo, hi]
+
+
 def _samplers(dm: ContrastiveDataModule) -> dict[str, Any]:
     """The k-space samplers training draws from (saved with a checkpoint when seeded)."""
     return {"corrupt": dm.train_corrupt, "positive_nuisance": dm.positive_nuisance}
@@ -88,6 +103,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         bank_size=int(ccfg.get("bank_size", 4)),
         bank_reuse=int(ccfg.get("bank_reuse", 16)),
         positive_nuisance=_positive_nuisance(ccfg.get("positive_nuisance")),
+        positive_gamma=_pair(ccfg.get("positive_gamma"), "contrastive.positive_gamma"),
+        positive_zoom=_pair(ccfg.get("positive_zoom"), "contrastive.positive_zoom"),
     )
     dm.prepare()
     t_data = time.perf_counter() - t0
