@@ -68,9 +68,10 @@ KINDS: tuple[str, ...] = (
     "wrap",
     "anisotropy",
 )
-#: kinds that nothing enables unless asked (``augment=ghosting``, ``augment.anisotropy=true``):
-#: :meth:`~qcflow.kspace.sampler.RandomArtifacts.paper` and the shipped configs leave them off,
-#: and the embedded test set counts ghosting among the kinds no method trains on (issue 17).
+#: kinds that nothing enables unless asked (``augment=ghosting``, ``augment=contrastive_full``):
+#: :meth:`~qcflow.kspace.sampler.RandomArtifacts.paper` leaves them off, and the embedded test
+#: set counts ghosting among the kinds the paper setting never trains on (an encoder trained
+#: with them lists them in its saved augment config, so its evaluation counts them simulated).
 OPT_IN_KINDS: tuple[str, ...] = ("ghosting", "anisotropy")
 #: the kinds of Shaw et al. (MELBA 2021, section 5: spike, noise, low-pass, line masking, with the
 #: MIDL 2019 motion model), in that order: every kind but the bias field. Method B's default

@@ -67,9 +67,10 @@ ARTIFACT_KINDS: tuple[str, ...] = (
     "t2_contrast",
 )
 
-#: the embedded kinds that no method trains on: not in :data:`qcflow.kspace.KINDS`, or opt-in
-#: there (:data:`qcflow.kspace.OPT_IN_KINDS`, which no shipped config enables) -- ``ghosting``,
-#: ``missing_side``, ``misregistration``, ``t2_contrast``
+#: the embedded kinds that the paper setting never trains on: not in :data:`qcflow.kspace.KINDS`,
+#: or opt-in there (:data:`qcflow.kspace.OPT_IN_KINDS`, enabled only by configs that ask, e.g.
+#: ``augment=contrastive_full``) -- ``ghosting``, ``missing_side``, ``misregistration``,
+#: ``t2_contrast``
 UNSIMULATED_KINDS: tuple[str, ...] = tuple(
     k for k in ARTIFACT_KINDS if k not in KINDS or k in OPT_IN_KINDS
 )
