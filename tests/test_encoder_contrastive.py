@@ -116,7 +116,7 @@ def test_items_positive_same_volume_other_orientation(volumes) -> None:
     assert torch.equal(ds[4]["corrupted"], ds[4]["corrupted"])
 
 
-def test_positive_nuisance_changes_only_the_positive_and_is_off_by_default(
+def test_positive_nuisance_changes_only_the_positive_and_is_off_in_the_paper(
     volumes, tmp_path: Path
 ) -> None:
     from qcflow.tasks.encoder_contrastive import _positive_nuisance
@@ -134,10 +134,14 @@ def test_positive_nuisance_changes_only_the_positive_and_is_off_by_default(
         diff = (b["positive"] - a["positive"]).abs()
         # 30 dB: noise std ~3 % of the signal -- a nuisance, not an artifact
         assert 0.0 < float(diff.mean()) < 0.08
-    cfg = compose_cfg(["experiment=encoder_contrastive"], tmp_path)
+    cfg = compose_cfg(["experiment=encoder_contrastive_paper"], tmp_path)
     assert cfg.contrastive.positive_nuisance is None and _positive_nuisance(None) is None
     built = _positive_nuisance({"noise": {"p": 0.5, "snr_db": [28.0, 40.0]}})
     assert built.rate == 1.0
+    # the main job's default (the best measured, issue 17): clean-range noise and bias
+    main = compose_cfg(["experiment=encoder_contrastive"], tmp_path)
+    default = _positive_nuisance(main.contrastive.positive_nuisance)
+    assert default is not None and default.rate == 1.0
     from qcflow.errors import ConfigError
 
     with pytest.raises(ConfigError, match="positive_nuisance"):
@@ -330,6 +334,38 @@ def test_negative_bank_redraws_after_reuse_and_keeps_the_slab(volumes) -> None:
         NegativeBank(sampler, size=0)
 
 
+def test_negative_bank_state_restores_the_same_stream(volumes) -> None:
+    """A bank restored from its state (a resumed fit) hands out the same copies, and draws
+    from the caller's generator exactly when the uninterrupted bank does."""
+    import json
+
+    vol = volumes.volume(0)["image"]
+    idx = central_indices(vol.shape[3], 4)
+    sampler = RandomArtifacts(rate=1.0, noise={"p": 1.0}, blur={"p": 0.5})
+    plan = [(0, 0), (0, 1), (0, 0), (0, 1), (0, 0), (0, 1), (0, 0)]  # reuse=2: redraws
+
+    def stream(bank, g, steps):
+        return [bank.get(i, j, vol, idx, g)[0] for i, j in steps]
+
+    ref_bank = NegativeBank(sampler, size=2, reuse=2, spacing=(4.0,) * 3)
+    g_ref = torch.Generator().manual_seed(3)
+    ref = stream(ref_bank, g_ref, plan)
+    bank = NegativeBank(sampler, size=2, reuse=2, spacing=(4.0,) * 3)
+    g = torch.Generator().manual_seed(3)
+    first = stream(bank, g, plan[:3])
+    state = json.loads(json.dumps(bank.state_dict()))  # what a checkpoint keeps
+    g_state = g.get_state()
+    resumed = NegativeBank(sampler, size=2, reuse=2, spacing=(4.0,) * 3)
+    resumed.load_state_dict(state)
+    g2 = torch.Generator()
+    g2.set_state(g_state)
+    rest = stream(resumed, g2, plan[3:])
+    for a, b in zip(ref, first + rest, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(g_ref.get_state(), g2.get_state())  # same draws from the caller
+    assert resumed.state_dict() == ref_bank.state_dict()
+
+
 def test_corrupt_volume_keeps_through_plane_motion() -> None:
     vol = torch.zeros(1, 20, 20, 20)
     vol[:, 5:15, 6:14, 4:16] = 0.8
@@ -342,14 +378,14 @@ def test_corrupt_volume_keeps_through_plane_motion() -> None:
 
 
 def test_densenet121_setting_is_monais_densenet121() -> None:
-    """``model=encoder_densenet121`` (the paper's network, a GPU setting) builds MONAI's
-    DenseNet-121 -- same layers and parameter count -- and maps slices to d = 2 codes."""
+    """The paper experiment's network (DenseNet-121, a GPU setting) is MONAI's DenseNet-121 --
+    same layers and parameter count -- mapping slices to d = 2 codes."""
     from hydra.utils import instantiate
     from monai.networks.nets import DenseNet121
 
     from qcflow.api import compose_config
 
-    cfg = compose_config(["experiment=encoder_contrastive", "model=encoder_densenet121"])
+    cfg = compose_config(["experiment=encoder_contrastive_paper"])
     module = instantiate(cfg.model, _convert_="all")  # as the task builds it
     net = module.encoder.net
     reference = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2)

@@ -20,6 +20,7 @@ TINY = [
     "data.slice_size=32",
     "data.n_central_slices=4",
     "data.batch_size=4",
+    "data.embedded.variation=cohort",  # the small dataset of the fixture, for every stage
     "threads=1",
 ]
 TINY_ENCODER = [
@@ -27,6 +28,7 @@ TINY_ENCODER = [
     "model.encoder.growth_rate=2",
     "model.encoder.block_config=[1,1]",
     "model.encoder.bn_size=1",
+    "model.encoder.latent_dim=2",  # d = 2: the density-contour and latent figures exist
     "contrastive.queries_per_volume=2",
     "trainer.enable_progress_bar=false",
 ]
@@ -51,7 +53,7 @@ def test_encoder_fast_dev_run(small_embedded: Path, tmp_path: Path) -> None:
     cfg = compose_cfg(
         ["experiment=encoder_contrastive", *TINY, *TINY_ENCODER, "debug=fast"], tmp_path
     )
-    assert {"motion", "noise"} <= set(cfg.augment)  # paper negatives: noise + motion
+    assert {"motion", "noise", "ghosting", "anisotropy"} <= set(cfg.augment)  # eight kinds
     results = encoder_contrastive.run(cfg)
     assert math.isfinite(results["train/loss"]) and math.isfinite(results["val/loss"])
     assert results["n_train_volumes"] + results["n_val_volumes"] == SMALL_EMBEDDED["n_subjects"]

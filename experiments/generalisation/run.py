@@ -136,14 +136,20 @@ def run_cohort(
         log,
     )
     common = [f"score.flow_run={flow}", "score.density=true"]
+    # method B scores the test scans only: the pool serves method A's and the IQMs' thresholds
+    student = {"pool": ["score.uncertainty=false"], "test": ["score.uncertainty=false"]}
     if args.student_run:
-        common += [f"score.student_ckpt={args.student_run}", "score.uncertainty=true"]
-    else:
-        common += ["score.uncertainty=false"]
+        student["test"] = [f"score.student_ckpt={args.student_run}", "score.uncertainty=true"]
     tables = {}
     for split in ("pool", "test"):
         run = qcflow(
-            ["experiment=score", f"data.root={cdir / split}", *common, *args.score],
+            [
+                "experiment=score",
+                f"data.root={cdir / split}",
+                *common,
+                *student[split],
+                *args.score,
+            ],
             work / name / f"score_{split}",
             log,
         )

@@ -125,7 +125,9 @@ def study_network() -> dict:
     cached, so callers copy it before changing it."""
     from qcflow.api import compose_config
 
-    return dict(compose_config(["experiment=encoder_contrastive"]).model.encoder)
+    # latent_dim pinned: the study's (2), since the main job's default moved on (issue 17)
+    cfg = compose_config(["experiment=encoder_contrastive", "model.encoder.latent_dim=2"])
+    return dict(cfg.model.encoder)
 
 
 def train_classifier(

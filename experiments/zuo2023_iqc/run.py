@@ -49,6 +49,11 @@ STUDY = {
         "augment=contrastive_all",
         "model.negatives=corrupted",
         f"contrastive.positive_nuisance={NUISANCE}",
+        # pinned since the main job's defaults moved on (issue 17): this study's setting
+        "model.encoder.latent_dim=2",
+        "data.embedded.variation=cohort",
+        "contrastive.positive_gamma=null",
+        "contrastive.positive_zoom=null",
     ],
     # the flow embeds at the encoder's slice size (evaluation reads it from the flow run);
     # the density is the equal mixture of 5 flows (one fit moved the AUROC by up to 0.02)
@@ -59,7 +64,10 @@ STUDY = {
 #: seed + k, the flow models the concatenated codes): every ensemble tried beat each of its
 #: members, +0.04-0.06 AUROC over their mean (README: "what was tried", runs 13-20)
 ENCODERS = 3
-QUICK = {"encoder_contrastive": ["trainer.max_epochs=2"], "flow_density": ["model.epochs=50"]}
+QUICK = {
+    "encoder_contrastive": ["trainer.max_epochs=2", *STUDY["encoder_contrastive"][-4:]],
+    "flow_density": ["model.epochs=50"],
+}
 
 #: what results/metrics.json keeps from the evaluation (the issue's keys first)
 KEYS = (

@@ -357,6 +357,11 @@ class ContrastiveDataModule(ScanDataModule):
         :meth:`set_train_corrupt`)."""
         return self._cached_dataset(True).corrupt
 
+    @property
+    def train_bank(self) -> NegativeBank | None:
+        """The training negatives' bank (``negatives_3d``; ``None`` otherwise)."""
+        return self._cached_dataset(True).bank
+
     def set_train_corrupt(self, sampler: RandomArtifacts) -> None:
         """Training negatives from now on come from ``sampler`` (banked copies are redrawn);
         validation keeps the configured sampler, so ``val/loss`` stays comparable across epochs.

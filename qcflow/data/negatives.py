@@ -145,29 +145,60 @@ class NegativeBank:
         self.spacing = tuple(float(v) for v in spacing)
         self.percentiles = percentiles
         self.fixed_seed = fixed_seed
-        # (volume, slot) -> [slab (C, D, H, n), slice indices, kind code, uses]
+        # (volume, slot) -> [slab (C, D, H, n), slice indices, kind code, uses, seed]
         self._store: dict[tuple[int, int], list[Any]] = {}
+        # (volume, slot) -> (seed, uses) of copies restored by load_state_dict, recomputed on use
+        self._restored: dict[tuple[int, int], tuple[int, int]] = {}
         self.drawn = 0  # corrupted volumes computed so far (for tests and logs)
 
     def clear(self) -> None:
         """Drop every banked copy: later uses redraw them (from the current ``sampler``)."""
         self._store.clear()
+        self._restored.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The bank as ``(volume, slot, seed, uses)`` rows: a copy is a pure function of its
+        seed, the volume and the sampler, so this is all a resumed fit needs to continue with
+        the same negatives (:class:`~qcflow.lit.resume.ResumeState`)."""
+        rows = [[i, j, int(e[4]), int(e[3])] for (i, j), e in self._store.items()]
+        rows += [[i, j, seed, uses] for (i, j), (seed, uses) in self._restored.items()]
+        return {"entries": sorted(rows), "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`: each copy is recomputed from its seed when next used,
+        with its use count, without drawing from the caller's generator (as the uninterrupted
+        bank would have reused it)."""
+        self._store.clear()
+        self._restored = {(int(i), int(j)): (int(seed), int(uses))
+                          for i, j, seed, uses in state.get("entries", [])}  # fmt: skip
+        self.drawn = int(state.get("drawn", 0))
 
     def get(
         self, i: int, slot: int, volume: Tensor, indices: Sequence[int], g: torch.Generator
     ) -> tuple[Tensor, list[int], int]:
         """Slab ``(C, D, H, n)`` of the central axial slices ``indices`` of copy ``slot``."""
         entry = self._store.get((i, slot))
+        if entry is None and (i, slot) in self._restored:
+            seed, uses = self._restored.pop((i, slot))
+            if self.reuse is None or uses < self.reuse:  # else: redrawn below, as it would be
+                entry = self._compute(i, slot, volume, indices, seed)
+                entry[3] = uses
         if entry is None or (self.reuse is not None and entry[3] >= self.reuse):
             if self.fixed_seed is not None:
                 seed = (self.fixed_seed * 1_000_003 + i) * 1_009 + slot
             else:
                 seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
-            gen = torch.Generator().manual_seed(seed)
-            y, record = corrupt_volume(self.sampler, volume, gen, self.spacing, self.percentiles)
-            slab = y[..., list(indices)].contiguous()  # keep the query slab only
-            entry = [slab, list(indices), kind_code(record.get("kinds", [])), 0]
-            self._store[(i, slot)] = entry
+            entry = self._compute(i, slot, volume, indices, seed)
             self.drawn += 1
         entry[3] += 1
         return entry[0], entry[1], entry[2]
+
+    def _compute(
+        self, i: int, slot: int, volume: Tensor, indices: Sequence[int], seed: int
+    ) -> list[Any]:
+        gen = torch.Generator().manual_seed(seed)
+        y, record = corrupt_volume(self.sampler, volume, gen, self.spacing, self.percentiles)
+        slab = y[..., list(indices)].contiguous()  # keep the query slab only
+        entry = [slab, list(indices), kind_code(record.get("kinds", [])), 0, seed]
+        self._store[(i, slot)] = entry
+        return entry

@@ -133,7 +133,9 @@ class ResumeState(pl.Callback):
 
     Args:
         samplers: returns the task's k-space samplers by name (``None`` entries allowed); the
-            generator of a seeded one (``RandomArtifacts(seed=...)``) is saved and restored. A
+            generator of a seeded one (``RandomArtifacts(seed=...)``) is saved and restored,
+            and an entry with ``state_dict``/``load_state_dict`` (the encoder's
+            :class:`~qcflow.data.negatives.NegativeBank`) is saved and restored through them. A
             callable, because a schedule may swap the samplers during training.
     """
 
@@ -156,15 +158,23 @@ class ResumeState(pl.Callback):
         if trainer is not None:
             for loader in _train_loaders(trainer):
                 loaders.append([g.get_state() for g in _loader_generators(loader)])
-        samplers = {}
+        samplers, stateful = {}, {}
         for name, sampler in self._sampler_map().items():
+            if callable(getattr(sampler, "state_dict", None)):  # e.g. a NegativeBank
+                stateful[name] = sampler.state_dict()
+                continue
             gen = getattr(sampler, "_gen", None)
             if (
                 isinstance(gen, torch.Generator)
                 and getattr(sampler, "_gen_pid", None) == os.getpid()
             ):
                 samplers[name] = gen.get_state()
-        return {"rng": collect_rng_states(), "loaders": loaders, "samplers": samplers}
+        return {
+            "rng": collect_rng_states(),
+            "loaders": loaders,
+            "samplers": samplers,
+            "stateful": stateful,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = dict(state_dict)
@@ -220,6 +230,9 @@ class ResumeState(pl.Callback):
             for g, s in zip(gens, states, strict=False):
                 g.set_state(s)
         for name, sampler in self._sampler_map().items():
+            if name in state.get("stateful", {}):
+                sampler.load_state_dict(state["stateful"][name])
+                continue
             s = state.get("samplers", {}).get(name)
             if s is not None:
                 gen = torch.Generator()

@@ -80,8 +80,13 @@ def _pair(value: Any, name: str) -> list[float] | None:
 
 
 def _samplers(dm: ContrastiveDataModule) -> dict[str, Any]:
-    """The k-space samplers training draws from (saved with a checkpoint when seeded)."""
-    return {"corrupt": dm.train_corrupt, "positive_nuisance": dm.positive_nuisance}
+    """The k-space samplers training draws from (saved with a checkpoint when seeded) and the
+    3-D negatives' bank (its copies' seeds and use counts)."""
+    return {
+        "corrupt": dm.train_corrupt,
+        "positive_nuisance": dm.positive_nuisance,
+        "negative_bank": dm.train_bank,
+    }
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
