@@ -397,3 +397,21 @@ def test_densenet121_setting_is_monais_densenet121() -> None:
     assert 6.9e6 < n_params < 7.0e6  # DenseNet-121's ~6.96 M (1 input channel, 2 outputs)
     with torch.no_grad():
         assert module.encoder.eval()(torch.rand(2, 1, 64, 64)).shape == (2, 2)
+
+
+def test_paper_experiment_pins_the_paper_and_the_main_job_the_measured_best(tmp_path) -> None:
+    """encoder_contrastive_paper keeps Zuo et al.'s setting whatever the main job's defaults;
+    the main job's defaults are the generalisation benchmark's best (issue 17)."""
+    paper = compose_cfg(["experiment=encoder_contrastive_paper"], tmp_path)
+    assert paper.model.encoder.latent_dim == 2 and paper.model.negatives == "all"
+    assert paper.model.encoder.block_config == [6, 12, 24, 16]  # DenseNet-121
+    assert set(paper.augment) >= {"noise", "motion"} and "ghosting" not in paper.augment
+    assert not paper.contrastive.negatives_3d and paper.contrastive.positive_nuisance is None
+    assert paper.contrastive.positive_gamma is None and paper.contrastive.positive_zoom is None
+    assert paper.data.embedded.variation == "cohort" and paper.data.slice_size == 128
+    main = compose_cfg(["experiment=encoder_contrastive"], tmp_path)
+    assert main.model.encoder.latent_dim == 8 and main.model.negatives == "corrupted"
+    assert main.contrastive.negatives_3d and main.data.embedded.variation == "wide"
+    assert {"ghosting", "anisotropy", "motion", "wrap"} <= set(main.augment)
+    assert main.augment.motion.magnitude  # motion at real corrupted-scan strengths
+    assert list(main.contrastive.positive_gamma) == [0.6, 1.6]
