@@ -410,7 +410,7 @@ def test_paper_experiment_pins_the_paper_and_the_main_job_the_measured_best(tmp_
     assert paper.contrastive.positive_gamma is None and paper.contrastive.positive_zoom is None
     assert paper.data.embedded.variation == "cohort" and paper.data.slice_size == 128
     main = compose_cfg(["experiment=encoder_contrastive"], tmp_path)
-    assert main.model.encoder.latent_dim == 8 and main.model.negatives == "corrupted"
+    assert main.model.encoder.latent_dim == 16 and main.model.negatives == "corrupted"
     assert main.contrastive.negatives_3d and main.data.embedded.variation == "wide"
     assert {"ghosting", "anisotropy", "motion", "wrap"} <= set(main.augment)
     assert main.augment.motion.magnitude  # motion at real corrupted-scan strengths
