@@ -63,6 +63,8 @@ __all__ = [
     "corrupt_volume",
     "NegativeBank",
     "axial_stack",
+    "log_range",
+    "zoom_slice",
     "ContrastiveSliceDataset",
     "ContrastiveDataModule",
     "KIND_CODES",
@@ -79,11 +81,15 @@ def axial_stack(volume: Tensor, n_central: int | None, size: int) -> Tensor:
     return torch.stack([fit_square(extract_slice(volume, "axial", i), size) for i in idx])
 
 
-def _log_range(value: Sequence[float] | None, name: str) -> tuple[float, float] | None:
-    """A ``(lo, hi)`` range of positive factors (``None`` stays ``None``)."""
+def log_range(value: Sequence[float] | None, name: str) -> tuple[float, float] | None:
+    """A ``(lo, hi)`` range of positive factors (``None`` stays ``None``); ``ValueError``
+    naming ``name`` otherwise."""
     if value is None:
         return None
-    lo, hi = (float(v) for v in value)
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be [lo, hi] or null, got {value!r}") from None
     if not 0.0 < lo <= hi:
         raise ValueError(f"{name} must be a range 0 < lo <= hi, got {list(value)}")
     return lo, hi
@@ -179,8 +185,8 @@ class ContrastiveSliceDataset(Dataset):
         self.spacing = float(spacing)
         self.negatives_3d = bool(negatives_3d)
         self.positive_nuisance = positive_nuisance
-        self.positive_gamma = _log_range(positive_gamma, "positive_gamma")
-        self.positive_zoom = _log_range(positive_zoom, "positive_zoom")
+        self.positive_gamma = log_range(positive_gamma, "positive_gamma")
+        self.positive_zoom = log_range(positive_zoom, "positive_zoom")
         if self.negatives_3d and self.n_corrupt > bank_size:
             raise ValueError(f"n_corrupt={self.n_corrupt} exceeds bank_size={bank_size}")
         self.bank = (

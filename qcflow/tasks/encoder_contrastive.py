@@ -66,17 +66,14 @@ def _positive_nuisance(spec: Any) -> Any:
 
 def _pair(value: Any, name: str) -> list[float] | None:
     """A ``[lo, hi]`` config range (``null``: off); anything else is a one-line error."""
-    if value is None:
-        return None
+    from qcflow.data.contrastive import log_range
     from qcflow.errors import ConfigError
 
     try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be [lo, hi] or null, got {value!r}") from None
-    if not 0.0 < lo <= hi:
-        raise ConfigError(f"{name} must satisfy 0 < lo <= hi, got [{lo}, {hi}]")
-    return [lo, hi]
+        pair = log_range(value, name)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return None if pair is None else list(pair)
 
 
 def _samplers(dm: ContrastiveDataModule) -> dict[str, Any]:
